@@ -1,0 +1,42 @@
+# Falaj: `make demo` and `make test` do all the set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUF := node_modules/.bin/buf
+
+.PHONY: setup demo test lint proto bench clean
+
+$(STAMP): requirements.lock pyproject.toml sdk/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip==25.3
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e sdk -e .
+	touch $@
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/falaj demo
+
+test: setup $(BUF)
+	$(PY) -m pytest
+
+lint: setup $(BUF)
+	$(VENV)/bin/ruff check src sdk/src/falaj/sdk tests scripts
+	$(VENV)/bin/ruff format --check src sdk/src/falaj/sdk tests scripts
+	$(VENV)/bin/mypy
+	cd proto && ../$(BUF) lint
+	$(PY) scripts/gen_proto.py --check
+
+proto: setup $(BUF)
+	cd proto && ../$(BUF) lint
+	$(PY) scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) node_modules .falaj .pytest_cache .mypy_cache .ruff_cache

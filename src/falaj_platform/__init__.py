@@ -1,0 +1,1 @@
+"""Falaj platform: the shared runtime, the services, the gateway and the `falaj` CLI."""

@@ -1,0 +1,179 @@
+"""The one server interceptor: request ids, logs, metrics, caller checks and error mapping.
+
+It wraps all four handler kinds, so a servicer only raises typed domain errors and
+never touches status codes, logging or metrics itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from falaj_platform.runtime.errors import FalajError, PermissionDenied, Unauthenticated
+from falaj_platform.runtime.identity import CALLER_METADATA_KEY, peer_spiffe_id
+from falaj_platform.runtime.metrics import ServerMetrics
+
+REQUEST_ID_KEY = "x-request-id"
+
+# Health and reflection answer any certificate from the platform CA, so the stack and
+# operators can probe a service directly; everything else must come through the gateway.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+
+log = structlog.get_logger()
+
+
+def current_request_id() -> str:
+    """The request id of the call this thread is handling ('' outside a call)."""
+    return str(structlog.contextvars.get_contextvars().get("request_id", ""))
+
+
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    """A final status with its trailing metadata (the rich status plus the request id)."""
+
+
+def _with_request_id(status: status_pb2.Status) -> grpc.Status:
+    base = rpc_status.to_status(status)
+    return _Status(base.code, base.details, (*base.trailing_metadata, (REQUEST_ID_KEY, current_request_id())))
+
+
+def status_for(error: FalajError, domain: str) -> grpc.Status:
+    """A `google.rpc.Status` carrying one ErrorInfo for a domain error."""
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=domain, metadata=error.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return _with_request_id(status_pb2.Status(code=error.code.value[0], message=error.message, details=[detail]))
+
+
+_INTERNAL_STATUS = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see the service log for the request id")
+
+
+class CallerPolicy:
+    """Who may call a server directly: the gateway only (services) or any platform client (gateway)."""
+
+    def __init__(self, allowed_peers: frozenset[str] | None):
+        self.allowed_peers = allowed_peers  # None: any authenticated platform identity
+
+    def caller(self, method: str, context: grpc.ServicerContext, metadata: dict[str, str]) -> str:
+        peer = peer_spiffe_id(context)
+        if peer is None:
+            raise Unauthenticated("a client certificate with a Falaj SPIFFE ID is required", reason="NO_PEER_IDENTITY")
+        if method.startswith(OPEN_METHOD_PREFIXES) or self.allowed_peers is None:
+            return peer
+        if peer not in self.allowed_peers:
+            raise PermissionDenied(
+                f"{peer} may not call this service directly; call it through the gateway",
+                reason="DIRECT_CALL_REFUSED",
+            )
+        # Behind the gateway the real caller travels in metadata set by the gateway.
+        return metadata.get(CALLER_METADATA_KEY, peer)
+
+
+class RuntimeInterceptor(grpc.ServerInterceptor):
+    """Request id, caller identity, structured log line, metrics and error mapping."""
+
+    def __init__(self, service: str, metrics: ServerMetrics, caller_policy: CallerPolicy):
+        self.service = service
+        self.domain = f"{service}.falaj.local"
+        self.metrics = metrics
+        self.caller_policy = caller_policy
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        wrap = self._wrap_unary if not handler.response_streaming else self._wrap_stream
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            wrap(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
+        )
+
+    # -- per-call bookkeeping -------------------------------------------------------
+    def _begin(self, method: str, context: grpc.ServicerContext) -> None:
+        self.metrics.in_flight.labels(self.service).inc()
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        request_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(method=method, request_id=request_id, peer=None)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        caller = self.caller_policy.caller(method, context, metadata)
+        structlog.contextvars.bind_contextvars(peer=caller)
+
+    def _end(self, method: str, started: float, code: grpc.StatusCode) -> None:
+        elapsed = time.perf_counter() - started
+        self.metrics.in_flight.labels(self.service).dec()
+        self.metrics.requests.labels(self.service, method, code.name).inc()
+        self.metrics.latency.labels(self.service, method).observe(elapsed)
+        log.info("rpc", code=code.name, duration_ms=round(elapsed * 1000, 3))
+        structlog.contextvars.unbind_contextvars("method", "request_id", "peer")
+
+    def _fail(self, exc: BaseException, context: grpc.ServicerContext) -> grpc.StatusCode:
+        """Set the call's status from an exception and raise; returns only for the type checker."""
+        if isinstance(exc, FalajError):
+            context.abort_with_status(status_for(exc, self.domain))
+        aborted = context.code()
+        if isinstance(aborted, grpc.StatusCode) and aborted is not grpc.StatusCode.OK:
+            raise exc  # the servicer aborted on its own; keep its status
+        if isinstance(exc, GeneratorExit):
+            raise exc  # the client went away mid-stream
+        log.error("unhandled exception", exc_info=exc)
+        context.abort_with_status(_with_request_id(_INTERNAL_STATUS))
+        raise AssertionError("unreachable")  # abort always raises
+
+    @staticmethod
+    def _code_of(exc: BaseException, context: grpc.ServicerContext) -> grpc.StatusCode:
+        if isinstance(exc, FalajError):
+            return exc.code
+        aborted = context.code()
+        if isinstance(aborted, grpc.StatusCode) and aborted is not grpc.StatusCode.OK:
+            return aborted
+        return grpc.StatusCode.CANCELLED if isinstance(exc, GeneratorExit) else grpc.StatusCode.INTERNAL
+
+    def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                self._begin(method, context)
+                return behavior(request, context)
+            except BaseException as exc:  # noqa: BLE001 - mapped to a status right here
+                code = self._code_of(exc, context)
+                self._fail(exc, context)
+            finally:
+                self._end(method, started, code)
+
+        return handle
+
+    def _wrap_stream(self, behavior: Callable[..., Iterator[Any]], method: str) -> Callable[..., Iterator[Any]]:
+        def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                self._begin(method, context)
+                yield from behavior(request, context)
+            except BaseException as exc:  # noqa: BLE001 - mapped to a status right here
+                code = self._code_of(exc, context)
+                self._fail(exc, context)
+            finally:
+                self._end(method, started, code)
+
+        return handle

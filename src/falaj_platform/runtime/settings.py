@@ -1,0 +1,131 @@
+"""Process settings: one frozen object per process, read from the environment at boot.
+
+No other module reads `os.environ`; everything a service needs to know about its
+surroundings is a field here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from falaj_platform.runtime.errors import StartupError
+
+SERVICES = ("ingest", "features", "training", "serving", "experiments", "monitoring")
+"""The six platform services, in the order the stack starts them."""
+
+GATEWAY = "gateway"
+COMPONENTS = (*SERVICES, GATEWAY)
+
+# Fixed loopback ports for the local stack; every one can be overridden by env.
+DEFAULT_PORTS = {
+    "ingest": 50061,
+    "features": 50062,
+    "training": 50063,
+    "serving": 50064,
+    "experiments": 50065,
+    "monitoring": 50066,
+    "gateway": 8443,
+}
+DEFAULT_METRICS_PORTS = {name: 9461 + i for i, name in enumerate(COMPONENTS)}
+
+TRUST_DOMAIN = "falaj.local"
+
+
+def _env_key(component: str, name: str) -> str:
+    return f"FALAJ_{component.upper()}_{name}"
+
+
+@dataclass(frozen=True)
+class PkiPaths:
+    """Where the PKI files of one identity live (see `falaj pki`)."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one process knows about its environment."""
+
+    component: str
+    home: Path
+    listen_addr: str
+    metrics_addr: str
+    gateway_addr: str
+    database_url: str
+    region: str
+    pki: PkiPaths
+    log_level: str = "info"
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_concurrent_rpcs: int = 256
+    worker_threads: int = 32
+    migrate: str = "auto"
+    upstreams: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / self.component
+
+    @property
+    def spiffe_id(self) -> str:
+        return f"spiffe://{TRUST_DOMAIN}/service/{self.component}"
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise StartupError(f"{key}={raw!r} is not an integer") from None
+
+
+def component_addr(env: Mapping[str, str], component: str) -> str:
+    """The listen address of a component in the local stack."""
+    if component == GATEWAY and env.get("FALAJ_GATEWAY_ADDR"):
+        return env["FALAJ_GATEWAY_ADDR"]
+    return env.get(_env_key(component, "ADDR"), f"127.0.0.1:{DEFAULT_PORTS[component]}")
+
+
+def home_from(env: Mapping[str, str]) -> Path:
+    return Path(env.get("FALAJ_HOME", "./.falaj")).resolve()
+
+
+def load_settings(component: str, env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings of `component` from the environment (os.environ by default)."""
+    if component not in COMPONENTS:
+        raise StartupError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
+    env = os.environ if env is None else env
+    home = home_from(env)
+    pki_dir = Path(env.get("FALAJ_PKI_DIR", str(home / "pki")))
+    identity_dir = pki_dir / "services" / component
+    default_db = f"sqlite:///{home / component / (component + '.db')}"
+    migrate = env.get("FALAJ_DB_MIGRATE", "auto")
+    if migrate not in ("auto", "check"):
+        raise StartupError(f"FALAJ_DB_MIGRATE={migrate!r}; expected 'auto' or 'check'")
+    upstreams = {name: tuple(a.strip() for a in component_addr(env, name).split(",") if a.strip()) for name in SERVICES}
+    return Settings(
+        component=component,
+        home=home,
+        listen_addr=component_addr(env, component),
+        metrics_addr=env.get(_env_key(component, "METRICS_ADDR"), f"127.0.0.1:{DEFAULT_METRICS_PORTS[component]}"),
+        gateway_addr=component_addr(env, GATEWAY),
+        database_url=env.get(_env_key(component, "DATABASE_URL"), default_db),
+        region=env.get("FALAJ_REGION", "ae-dxb"),
+        pki=PkiPaths(
+            ca_cert=Path(env.get("FALAJ_CA_CERT", str(pki_dir / "ca.pem"))),
+            cert=Path(env.get(_env_key(component, "CERT"), str(identity_dir / "cert.pem"))),
+            key=Path(env.get(_env_key(component, "KEY"), str(identity_dir / "key.pem"))),
+        ),
+        log_level=env.get("FALAJ_LOG_LEVEL", "info").lower(),
+        max_message_bytes=_int(env, "FALAJ_MAX_MESSAGE_BYTES", 64 * 1024 * 1024),
+        max_concurrent_rpcs=_int(env, "FALAJ_MAX_CONCURRENT_RPCS", 256),
+        worker_threads=_int(env, "FALAJ_WORKER_THREADS", 32),
+        migrate=migrate,
+        upstreams=upstreams,
+    )

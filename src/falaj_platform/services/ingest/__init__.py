@@ -1,0 +1,1 @@
+"""Ingest service: validated, versioned datasets from streams, files and databases."""

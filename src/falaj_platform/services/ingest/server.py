@@ -1,0 +1,23 @@
+"""Wiring of the ingest service: store + servicer on the shared runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+
+from falaj.ingest.v1 import service_pb2, service_pb2_grpc
+from falaj_platform.runtime.db import Database
+from falaj_platform.runtime.service import ServiceSpec
+from falaj_platform.runtime.settings import Settings
+from falaj_platform.services.ingest.api import IngestApi
+from falaj_platform.services.ingest.store import IngestStore
+
+
+def register(server: grpc.Server, database: Database, settings: Settings) -> Iterable[str]:
+    service_pb2_grpc.add_IngestServiceServicer_to_server(IngestApi(IngestStore(database), settings), server)
+    return [service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name]
+
+
+SPEC = ServiceSpec("ingest", Path(__file__).parent / "migrations", register)

@@ -1,0 +1,84 @@
+"""Shared fixtures: a real PKI, settings pointing at it, and real databases."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from falaj_platform.pki import PKI
+from falaj_platform.runtime.settings import COMPONENTS, PkiPaths, Settings, load_settings
+
+REQUIRE_SERVICES = os.environ.get("FALAJ_REQUIRE_SERVICES") == "1"
+POSTGRES_URL = os.environ.get("FALAJ_TEST_POSTGRES_URL", "")
+
+
+def missing_service(reason: str) -> None:
+    """Skip, or fail under FALAJ_REQUIRE_SERVICES=1 (CI), when a named server is not there."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service missing: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """A real CA with every service identity and the admin client, shared by the session."""
+    root = tmp_path_factory.mktemp("pki")
+    authority = PKI(root)
+    authority.init()
+    return authority
+
+
+def identity(pki: PKI, kind: str, name: str) -> PkiPaths:
+    folder = pki.service_dir(name) if kind == "service" else pki.client_dir(name)
+    return PkiPaths(pki.ca_cert_path, folder / "cert.pem", folder / "key.pem")
+
+
+@pytest.fixture
+def settings_for(pki: PKI, tmp_path: Path) -> Iterator[object]:
+    """Build Settings for a component with its data under tmp_path and the shared PKI."""
+
+    def build(component: str, **env: str) -> Settings:
+        base = {"FALAJ_HOME": str(tmp_path / "home"), "FALAJ_PKI_DIR": str(pki.root), "FALAJ_LOG_LEVEL": "warning"}
+        return load_settings(component, env={**base, **env})
+
+    yield build
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: SQLite always; a fresh PostgreSQL database when FALAJ_TEST_POSTGRES_URL is set."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'test.db'}"
+        return
+    if not POSTGRES_URL:
+        missing_service("FALAJ_TEST_POSTGRES_URL is not set")
+    admin_url = sa.engine.make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
+    name = f"falaj_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as error:
+        admin.dispose()
+        missing_service(f"PostgreSQL at {POSTGRES_URL} is not reachable: {error.orig}")
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+ALL_COMPONENTS = COMPONENTS
