@@ -103,6 +103,10 @@ def test_server_client_and_bidi_streams_pass_through(routed: grpc.Channel) -> No
     assert list(routed.stream_stream(PROBE + "Upper")(iter([b"x", b"y"]), timeout=5)) == [b"X", b"Y"]
 
 
+def test_call_without_deadline_is_forwarded_without_one(routed: grpc.Channel) -> None:
+    assert routed.unary_unary(PROBE + "WhoAmI")(b"").startswith(b"spiffe://falaj.local/client/admin")
+
+
 def test_deadline_reaches_the_service_and_expires(routed: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as raised:
         routed.unary_unary(PROBE + "Slow")(b"", timeout=0.3)

@@ -26,21 +26,93 @@ def store_metadata(component: str) -> sa.MetaData:
     return metadata
 
 
+def _columns(table: sa.Table) -> dict[str, bool]:
+    return {column.name: bool(column.nullable) for column in table.columns}
+
+
+def _foreign_keys(table: sa.Table) -> set[tuple[tuple[str, ...], str, tuple[str, ...], str | None]]:
+    return {
+        (
+            tuple(element.parent.name for element in constraint.elements),
+            constraint.referred_table.name,
+            tuple(element.column.name for element in constraint.elements),
+            constraint.ondelete,
+        )
+        for constraint in table.foreign_key_constraints
+    }
+
+
+def _indexes(table: sa.Table) -> set[tuple[str | None, tuple[str, ...], bool]]:
+    return {(index.name, tuple(column.name for column in index.columns), bool(index.unique)) for index in table.indexes}
+
+
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_first_migration_builds_the_store_schema(component: str, database_url: str, settings_for: Callable[..., Any]) -> None:
+def test_migrations_build_exactly_the_store_schema(component: str, database_url: str, settings_for: Callable[..., Any]) -> None:
+    """store.py and the migrations cannot drift apart: same tables, columns, keys and indexes."""
     settings = settings_for(component, **{f"FALAJ_{component.upper()}_DATABASE_URL": database_url})
     database = open_database(spec_of(component), settings)
+    metadata = store_metadata(component)
     try:
         assert database.current_revision() == database.head_revision() == f"{component}_0001"
         inspector = sa.inspect(database.engine)
-        for table in store_metadata(component).sorted_tables:
-            columns = {c["name"] for c in inspector.get_columns(table.name)}
-            assert columns == {c.name for c in table.columns}, f"{component}.{table.name} differs from its migration"
-        # Running the migrations again is a no-op (every boot does it).
+        assert set(inspector.get_table_names()) - {f"falaj_{component}_schema_version"} == set(metadata.tables)
+        assert "request_log" in metadata.tables
+        for name, table in metadata.tables.items():
+            columns = {c["name"]: bool(c["nullable"]) for c in inspector.get_columns(name)}
+            assert columns == _columns(table), f"columns of {name}"
+            primary_key = inspector.get_pk_constraint(name)["constrained_columns"]
+            assert primary_key == [c.name for c in table.primary_key.columns], f"primary key of {name}"
+            reflected_fks = {
+                (
+                    tuple(fk["constrained_columns"]),
+                    fk["referred_table"],
+                    tuple(fk["referred_columns"]),
+                    fk.get("options", {}).get("ondelete"),
+                )
+                for fk in inspector.get_foreign_keys(name)
+            }
+            assert reflected_fks == _foreign_keys(table), f"foreign keys of {name}"
+            # PostgreSQL also reports each unique constraint as an index; those are compared below.
+            reflected_indexes = {
+                (i["name"], tuple(str(c) for c in i["column_names"]), bool(i["unique"]))
+                for i in inspector.get_indexes(name)
+                if not i.get("duplicates_constraint")
+            }
+            assert reflected_indexes == _indexes(table), f"indexes of {name}"
+            reflected_uniques = {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)}
+            declared_uniques = {tuple(c.name for c in u.columns) for u in table.constraints if isinstance(u, sa.UniqueConstraint)}
+            declared_uniques |= {(c.name,) for c in table.columns if c.unique}
+            assert reflected_uniques == declared_uniques, f"unique constraints of {name}"
+        # Every boot migrates; doing it again changes nothing, and check mode accepts it.
         database.upgrade()
-        assert database.current_revision() == f"{component}_0001"
+        database.ensure_schema("check")
+        # The first migration also goes back down cleanly.
+        database.downgrade("base")
+        assert set(sa.inspect(database.engine).get_table_names()) <= {f"falaj_{component}_schema_version"}
     finally:
         database.dispose()
+
+
+RESIDENCY_CARRYING = {
+    "ingest": {"datasets"},
+    "features": {"feature_views", "feature_services"},
+    "training": {"training_jobs", "registered_models", "model_versions"},
+    "serving": {"deployments", "served_models"},
+    "experiments": {"experiments"},
+    "monitoring": {"reference_profiles", "model_monitors"},
+    "gateway": set(),
+}
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_resources_carry_residency_and_timestamps_are_timezone_aware(component: str) -> None:
+    tables = store_metadata(component).tables
+    for name in RESIDENCY_CARRYING[component]:
+        assert "residency_region" in tables[name].columns, name
+    for table in tables.values():
+        for column in table.columns:
+            if isinstance(column.type, sa.DateTime):
+                assert column.type.timezone, f"{table.name}.{column.name} must be timezone-aware"
 
 
 def test_check_mode_refuses_a_schema_behind_the_code(tmp_path: Any) -> None:
@@ -78,8 +150,14 @@ def test_session_scope_translates_conflicts_and_rolls_back(database_url: str, se
     settings = settings_for("ingest", FALAJ_INGEST_DATABASE_URL=database_url)
     database = open_database(spec_of("ingest"), settings)
     datasets = store_metadata("ingest").tables["datasets"]
-    now = dt.datetime.now(dt.timezone.utc)
-    row = {"name": "sales", "owner": "spiffe://falaj.local/client/admin", "residency_region": "ae-dxb", "created_at": now, "updated_at": now}
+    now = dt.datetime.now(dt.UTC)
+    row = {
+        "name": "sales",
+        "owner": "spiffe://falaj.local/client/admin",
+        "residency_region": "ae-dxb",
+        "created_at": now,
+        "updated_at": now,
+    }
     try:
         with database.session_scope() as session:
             session.execute(datasets.insert().values(**row))

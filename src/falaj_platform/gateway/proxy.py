@@ -20,6 +20,16 @@ from falaj_platform.runtime.interceptors import REQUEST_ID_KEY, current_request_
 _DROPPED_METADATA = frozenset({CALLER_METADATA_KEY, REQUEST_ID_KEY, "user-agent", ":authority", "grpc-accept-encoding", "grpc-encoding"})
 
 
+# grpc reports "no deadline" as a deadline centuries away; passed on as a timeout it
+# overflows and the upstream call fails at once, so it becomes "no timeout" again.
+_NO_DEADLINE_AFTER_S = 365 * 24 * 3600.0
+
+
+def _upstream_timeout(context: grpc.ServicerContext) -> float | None:
+    remaining = float(context.time_remaining())
+    return None if remaining > _NO_DEADLINE_AFTER_S else remaining
+
+
 class UpstreamChannels:
     """One mTLS channel per service, round-robin across that service's addresses."""
 
@@ -65,7 +75,7 @@ class ProxyHandler(grpc.GenericRpcHandler):
             request_id = current_request_id()
             if request_id:
                 metadata.append((REQUEST_ID_KEY, request_id))
-            call = upstream(requests, timeout=context.time_remaining(), metadata=metadata)
+            call = upstream(requests, timeout=_upstream_timeout(context), metadata=metadata)
             context.add_callback(call.cancel)
             try:
                 context.send_initial_metadata(call.initial_metadata() or ())

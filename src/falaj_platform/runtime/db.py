@@ -104,6 +104,14 @@ class Database:
             command.upgrade(config, "head")
             connection.commit()
 
+    def downgrade(self, revision: str) -> None:
+        """Step the schema back to `revision` ('base' empties it); for operators and tests."""
+        config = self._alembic_config()
+        with self._connect() as connection:
+            config.attributes["connection"] = connection
+            command.downgrade(config, revision)
+            connection.commit()
+
     def ensure_schema(self, mode: str) -> None:
         """'auto' upgrades to head; 'check' refuses to start unless already at head."""
         if mode == "auto":

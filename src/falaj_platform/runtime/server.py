@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
@@ -51,6 +52,20 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def _refuse_if_in_use(addr: str) -> None:
+    """Fail with one clear line before grpc core logs its own bind error."""
+    host, _, port = addr.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]") or "0.0.0.0", int(port)))
+        except OSError as error:
+            raise StartupError(f"cannot listen on {addr}: {error.strerror.lower() if error.strerror else error}") from None
+
+
 def create_server(
     settings: Settings,
     register: Registrar,
@@ -82,6 +97,7 @@ def create_server(
     )
     addr = listen_addr or settings.listen_addr
     credentials = tls.server_credentials(settings.pki)
+    _refuse_if_in_use(addr)
     try:
         port = server.add_secure_port(addr, credentials)
     except RuntimeError:

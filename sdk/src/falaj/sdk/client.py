@@ -11,11 +11,21 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
 from falaj.sdk.errors import from_rpc_error
+
+if TYPE_CHECKING:  # the stubs' .pyi give every RPC its request and response types
+    from falaj.experiments.v1.service_pb2_grpc import ExperimentsServiceStub
+    from falaj.features.v1.service_pb2_grpc import FeaturesServiceStub
+    from falaj.gateway.v1.service_pb2_grpc import GatewayAdminServiceStub
+    from falaj.inference.open_inference_grpc_pb2_grpc import GRPCInferenceServiceStub
+    from falaj.ingest.v1.service_pb2_grpc import IngestServiceStub
+    from falaj.monitoring.v1.service_pb2_grpc import MonitoringServiceStub
+    from falaj.serving.v1.service_pb2_grpc import ServingServiceStub
+    from falaj.training.v1.service_pb2_grpc import TrainingServiceStub
 
 # service attribute -> (stub module, stub class)
 _SERVICES = {
@@ -62,20 +72,57 @@ class ServiceClient:
 
 
 class Falaj:
-    """A connection to the platform through its gateway."""
+    """A connection to the platform through its gateway, with one typed client per service.
+
+    Each client is typed as its generated stub, so editors and mypy know every RPC's
+    request and response; at run time failed calls raise `falaj.sdk.errors` classes.
+    """
 
     def __init__(self, channel: grpc.Channel):
         self.channel = channel
         self._clients: dict[str, ServiceClient] = {}
 
-    def __getattr__(self, name: str) -> ServiceClient:
-        if name not in _SERVICES:
-            raise AttributeError(name)
-        if name not in self._clients:
-            module_name, stub_name = _SERVICES[name]
+    def client(self, service: str) -> ServiceClient:
+        """The client of `service` (one of ingest, features, training, serving, experiments, monitoring, gateway, inference)."""
+        if service not in _SERVICES:
+            raise ValueError(f"unknown service {service!r}; expected one of {', '.join(_SERVICES)}")
+        if service not in self._clients:
+            module_name, stub_name = _SERVICES[service]
             stub_class = getattr(importlib.import_module(module_name), stub_name)
-            self._clients[name] = ServiceClient(stub_class(self.channel))
-        return self._clients[name]
+            self._clients[service] = ServiceClient(stub_class(self.channel))
+        return self._clients[service]
+
+    @property
+    def ingest(self) -> IngestServiceStub:
+        return cast("IngestServiceStub", self.client("ingest"))
+
+    @property
+    def features(self) -> FeaturesServiceStub:
+        return cast("FeaturesServiceStub", self.client("features"))
+
+    @property
+    def training(self) -> TrainingServiceStub:
+        return cast("TrainingServiceStub", self.client("training"))
+
+    @property
+    def serving(self) -> ServingServiceStub:
+        return cast("ServingServiceStub", self.client("serving"))
+
+    @property
+    def experiments(self) -> ExperimentsServiceStub:
+        return cast("ExperimentsServiceStub", self.client("experiments"))
+
+    @property
+    def monitoring(self) -> MonitoringServiceStub:
+        return cast("MonitoringServiceStub", self.client("monitoring"))
+
+    @property
+    def gateway(self) -> GatewayAdminServiceStub:
+        return cast("GatewayAdminServiceStub", self.client("gateway"))
+
+    @property
+    def inference(self) -> GRPCInferenceServiceStub:
+        return cast("GRPCInferenceServiceStub", self.client("inference"))
 
     def close(self) -> None:
         self.channel.close()

@@ -1,0 +1,1 @@
+"""Experiments service: deterministic assignment, exposures and outcomes, and their analysis."""

@@ -1,0 +1,1 @@
+"""Monitoring service: data and prediction drift, model quality, alert rules and alerts."""

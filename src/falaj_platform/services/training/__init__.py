@@ -1,0 +1,1 @@
+"""Training service: torch training jobs, ONNX export with parity check, and the model registry."""
