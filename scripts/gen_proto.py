@@ -44,7 +44,10 @@ def generate(out_dir: Path) -> None:
         f"--mypy_grpc_out={out_dir}",
         *_proto_files(),
     ]
-    subprocess.run(cmd, check=True, cwd=PROTO_ROOT)
+    result = subprocess.run(cmd, cwd=PROTO_ROOT, capture_output=True, text=True)
+    if result.returncode != 0:  # plugins chat on stderr; show it only when protoc fails
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit(f"protoc failed with exit code {result.returncode}")
     # Packages need an __init__.py so setuptools, mypy and pytest agree on module names.
     for folder in sorted({p.parent for p in out_dir.rglob("*_pb2.py")}):
         while folder != out_dir:
