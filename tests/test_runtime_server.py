@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,6 +41,11 @@ def _stream_then_fail(request: bytes, context: grpc.ServicerContext) -> Iterator
     raise InvalidArgument("row 3 is malformed")
 
 
+def _slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+    time.sleep(0.5)
+    return b"done"
+
+
 def _sum_lengths(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
     return str(sum(len(r) for r in requests)).encode()
 
@@ -51,6 +58,7 @@ class ProbeHandler(grpc.GenericRpcHandler):
             "Echo": grpc.unary_unary_rpc_method_handler(_echo),
             "Stream": grpc.unary_stream_rpc_method_handler(_stream_then_fail),
             "Sum": grpc.stream_unary_rpc_method_handler(_sum_lengths),
+            "Slow": grpc.unary_unary_rpc_method_handler(_slow),
         }
         method = details.method
         return table.get(method.removeprefix(PROBE)) if method.startswith(PROBE) else None
@@ -180,19 +188,8 @@ def test_client_streaming_and_metrics_count_requests(start_probe: Callable[..., 
 
 
 def test_concurrency_limit_answers_resource_exhausted(settings_for: Callable[..., Any], pki: PKI) -> None:
-    import threading
-    import time
-
-    def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
-        time.sleep(0.5)
-        return b"done"
-
-    class Slow(grpc.GenericRpcHandler):
-        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-            return grpc.unary_unary_rpc_method_handler(slow) if details.method == PROBE + "Slow" else None
-
     settings = settings_for("ingest", FALAJ_MAX_CONCURRENT_RPCS="1")
-    server = create_server(settings, lambda s: [], listen_addr="127.0.0.1:0", handlers=[Slow()])
+    server = create_server(settings, lambda s: [], listen_addr="127.0.0.1:0", handlers=[ProbeHandler()])
     try:
         with _as(pki, "client", "admin", server.port) as channel:
             first = threading.Thread(target=lambda: channel.unary_unary(PROBE + "Slow")(b"", timeout=5))
@@ -207,24 +204,13 @@ def test_concurrency_limit_answers_resource_exhausted(settings_for: Callable[...
 
 
 def test_graceful_stop_reports_not_serving_and_finishes_in_flight_calls(settings_for: Callable[..., Any], pki: PKI) -> None:
-    import threading
-    import time
-
     results: list[bytes] = []
 
-    def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
-        time.sleep(0.5)
-        return b"finished"
-
-    class Slow(grpc.GenericRpcHandler):
-        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-            return grpc.unary_unary_rpc_method_handler(slow) if details.method == PROBE + "Slow" else None
-
-    server = create_server(settings_for("ingest"), lambda s: [], listen_addr="127.0.0.1:0", handlers=[Slow()])
+    server = create_server(settings_for("ingest"), lambda s: [], listen_addr="127.0.0.1:0", handlers=[ProbeHandler()])
     with _as(pki, "client", "admin", server.port) as channel:
         call = threading.Thread(target=lambda: results.append(channel.unary_unary(PROBE + "Slow")(b"", timeout=5)))
         call.start()
         time.sleep(0.2)
         server.stop(grace=5)
         call.join()
-    assert results == [b"finished"]
+    assert results == [b"done"]
