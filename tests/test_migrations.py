@@ -53,7 +53,8 @@ def test_migrations_build_exactly_the_store_schema(component: str, database_url:
     database = open_database(spec_of(component), settings)
     metadata = store_metadata(component)
     try:
-        assert database.current_revision() == database.head_revision() == f"{component}_0001"
+        assert database.current_revision() == database.head_revision()
+        assert str(database.head_revision()).startswith(f"{component}_")
         inspector = sa.inspect(database.engine)
         assert set(inspector.get_table_names()) - {f"falaj_{component}_schema_version"} == set(metadata.tables)
         assert "request_log" in metadata.tables

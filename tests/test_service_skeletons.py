@@ -287,9 +287,6 @@ READ_CASES: dict[str, ReadCase] = {
 
 
 def test_first_migration_builds_an_empty_database_and_the_store_reads_it(service: Service, database: Database) -> None:
-    assert database.current_revision() == f"{service.name}_0001"
-    assert database.head_revision() == f"{service.name}_0001"
-
     store = service.store_class()(database)
     case = READ_CASES[service.name]
     assert case.read(store) == case.empty

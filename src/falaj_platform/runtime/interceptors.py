@@ -36,6 +36,14 @@ def current_request_id() -> str:
     return str(structlog.contextvars.get_contextvars().get("request_id", ""))
 
 
+def current_caller() -> str:
+    """SPIFFE ID of the original caller of the call this thread is handling ('' outside a call).
+
+    Behind the gateway this is the identity the gateway authenticated, not the gateway's.
+    """
+    return str(structlog.contextvars.get_contextvars().get("peer") or "")
+
+
 class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
     """A final status with its trailing metadata (the rich status plus the request id)."""
 
