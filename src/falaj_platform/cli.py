@@ -7,9 +7,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from falaj.sdk import Falaj, connect
 from falaj_platform.runtime.errors import FalajError, StartupError
 from falaj_platform.runtime.settings import COMPONENTS, GATEWAY, home_from
+
+if TYPE_CHECKING:
+    from falaj_platform.stack import ComponentStatus
 
 
 def _pki_root() -> Path:
@@ -36,10 +41,10 @@ def cmd_pki_issue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(rows: Sequence[object]) -> None:
+def _print_status(rows: Sequence[ComponentStatus]) -> None:
     print(f"{'component':<12} {'pid':>7}  {'address':<22} health")
     for row in rows:
-        print(f"{row.name:<12} {row.pid or '-':>7}  {row.addr:<22} {row.health}")  # type: ignore[attr-defined]
+        print(f"{row.name:<12} {row.pid or '-':>7}  {row.addr:<22} {row.health}")
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
@@ -85,6 +90,112 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_client(args: argparse.Namespace) -> Falaj:
+    """An SDK connection to the gateway as one of this machine's client identities."""
+    from falaj_platform.runtime.settings import component_addr
+
+    pki = _pki_root()
+    folder = pki / "clients" / args.identity
+    return connect(component_addr(os.environ, GATEWAY), folder / "cert.pem", folder / "key.pem", pki / "ca.pem")
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from falaj.gateway.v1 import message_pb2 as gm
+    from falaj.gateway.v1 import request_response_pb2 as gr
+    from falaj_platform.gateway.policy import PolicyLine
+
+    with _admin_client(args) as falaj:
+        admin = falaj.gateway
+        if args.action == "list":
+            print(admin.ExportPolicies(gr.ExportPoliciesRequest(domain=args.domain or "")).casbin_csv, end="")
+            return 0
+        if args.action == "test":
+            reply = admin.CheckAccess(gr.CheckAccessRequest(subject=args.subject, domain=args.domain or "", object=args.object))
+            verdict = gm.Decision.Name(reply.decision).removeprefix("DECISION_").lower()
+            print(f"{verdict}: {reply.detail}")
+            for line in reply.matched_policies:
+                print(f"  matched: {line}")
+            if reply.effective_roles:
+                print(f"  roles: {', '.join(reply.effective_roles)}")
+            return 0 if reply.decision == gm.DECISION_ALLOW else 1
+        try:
+            line = PolicyLine.parse(args.line)
+        except ValueError as error:
+            print(f"falaj: error: invalid policy line: {error}", file=sys.stderr)
+            return 2
+        if args.action == "add":
+            if line.ptype == "p":
+                sub, dom, obj, act, eft = line.values
+                effect = gm.POLICY_EFFECT_DENY if eft == "deny" else gm.POLICY_EFFECT_ALLOW
+                admin.CreatePolicy(gr.CreatePolicyRequest(policy=gm.Policy(subject=sub, domain=dom, object=obj, action=act, effect=effect)))
+            else:
+                member, role, dom = line.values
+                admin.CreateRoleBinding(gr.CreateRoleBindingRequest(binding=gm.RoleBinding(member=member, role=role, domain=dom)))
+            print(f"added: {line.csv()}")
+            return 0
+        from falaj_platform.gateway.api import line_id
+
+        if line.ptype == "p":
+            admin.DeletePolicy(gr.DeletePolicyRequest(name=f"policies/{line_id(line)}"))
+        else:
+            admin.DeleteRoleBinding(gr.DeleteRoleBindingRequest(name=f"roleBindings/{line_id(line)}"))
+        print(f"removed: {line.csv()}")
+        return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from falaj.gateway.v1 import message_pb2 as gm
+    from falaj.gateway.v1 import request_response_pb2 as gr
+
+    with _admin_client(args) as falaj:
+        admin = falaj.gateway
+        if args.action == "verify":
+            reply = admin.VerifyAuditChain(gr.VerifyAuditChainRequest())
+            if reply.intact:
+                print(
+                    f"audit chain intact: {reply.records_checked} records, {reply.checkpoints_checked} signed checkpoints, head {reply.head_sequence}"
+                )
+                return 0
+            kind = gm.ChainBreakKind.Name(reply.first_break.kind).removeprefix("CHAIN_BREAK_KIND_")
+            print(f"audit chain BROKEN at record {reply.first_break.sequence} ({kind}): {reply.first_break.detail}")
+            return 1
+        flt = gm.AuditRecordFilter(caller=args.caller or "", method=args.method or "")
+        if args.decision:
+            flt.decision = gm.DECISION_ALLOW if args.decision == "allow" else gm.DECISION_DENY
+        if args.since:
+            flt.start_time.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=args.since))
+        reply = admin.QueryAuditRecords(gr.QueryAuditRecordsRequest(filter=flt, page_size=args.limit, newest_first=True))
+        for record in reply.records:
+            decision = gm.Decision.Name(record.decision).removeprefix("DECISION_").lower()
+            what = record.method or f"{gm.SecurityEventType.Name(record.event_type).removeprefix('SECURITY_EVENT_TYPE_')} {record.resource}"
+            when = record.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{record.sequence:>8} {when} {decision:<5} {record.caller} {what} {record.decision_detail}")
+        return 0
+
+
+def cmd_pki_revoke(args: argparse.Namespace) -> int:
+    import json
+
+    from falaj.gateway.v1 import message_pb2 as gm
+    from falaj.gateway.v1 import request_response_pb2 as gr
+
+    info_path = _pki_root() / "clients" / args.name / "identity.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except FileNotFoundError:
+        print(f"falaj: error: no client identity {args.name!r} under {_pki_root()}", file=sys.stderr)
+        return 2
+    serial = format(int(info["serial"]), "x")
+    with _admin_client(args) as falaj:
+        falaj.gateway.CreateRevocation(
+            gr.CreateRevocationRequest(revocation=gm.Revocation(serial_number=serial, subject=info["spiffe_id"], note=args.note or ""))
+        )
+    print(f"revoked {info['spiffe_id']} (serial {serial})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from falaj_platform.demo import run_demo
 
@@ -106,6 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--role", required=True)
     issue.add_argument("--days", type=int, default=7)
     issue.set_defaults(func=cmd_pki_issue)
+
+    revoke = pki.add_parser("revoke", help="revoke a client identity at the gateway (takes effect at once)")
+    revoke.add_argument("name")
+    revoke.add_argument("--note", default="")
+    revoke.add_argument("--identity", default="admin", help="client identity to call the gateway with")
+    revoke.set_defaults(func=cmd_pki_revoke)
+
+    policy = sub.add_parser("policy", help="the gateway's Casbin policy (deny by default)")
+    policy.add_argument("action", choices=["list", "add", "remove", "test"])
+    policy.add_argument(
+        "line", nargs="?", default="", help="add/remove: 'p, SUBJECT, DOMAIN, OBJECT, ACTION[, allow|deny]' or 'g, MEMBER, ROLE, DOMAIN'"
+    )
+    policy.add_argument("--subject", default="", help="test: SPIFFE ID or role")
+    policy.add_argument("--object", default="", help="test: full gRPC method")
+    policy.add_argument("--domain", default="", help="test/list: tenant or region")
+    policy.add_argument("--identity", default="admin", help="client identity to call the gateway with")
+    policy.set_defaults(func=cmd_policy)
+
+    audit = sub.add_parser("audit", help="the shared, hash-chained audit log")
+    audit.add_argument("action", choices=["verify", "query"])
+    audit.add_argument("--caller", default="")
+    audit.add_argument("--method", default="")
+    audit.add_argument("--decision", choices=["allow", "deny"])
+    audit.add_argument("--since", type=float, help="only the last N minutes")
+    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--identity", default="admin", help="client identity to call the gateway with")
+    audit.set_defaults(func=cmd_audit)
 
     stack = sub.add_parser("stack", help="run every service and the gateway as local processes")
     stack.add_argument("action", choices=["up", "status", "down"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from falaj_platform.runtime.errors import InvalidArgument, StartupError
@@ -55,7 +55,7 @@ def _write_private(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
@@ -192,7 +192,18 @@ class PKI:
         if issued[:1] == ["ca"] or self._needs_renewal(self.client_dir("admin")):
             self.issue_client("admin", role="admin", days=client_days)
             issued.append("admin")
+        if not self.audit_key_path.exists():
+            key = ed25519.Ed25519PrivateKey.generate()
+            _write_private(self.audit_key_path, _key_pem(key))
+            public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            self.audit_key_path.with_name("signing-key.pub.pem").write_bytes(public)
+            issued.append("audit-signing-key")
         return issued
+
+    @property
+    def audit_key_path(self) -> Path:
+        """Ed25519 key the gateway signs audit checkpoints with."""
+        return self.root / "audit" / "signing-key.pem"
 
     def issue_client(self, name: str, *, role: str, days: int = CLIENT_DAYS) -> IssuedIdentity:
         """Issue (or reissue) the client identity `spiffe://falaj.local/client/<name>`."""

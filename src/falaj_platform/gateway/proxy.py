@@ -85,6 +85,8 @@ class ProxyHandler(grpc.GenericRpcHandler):
             code = call.code()
             trailing = [(k, v) for k, v in (call.trailing_metadata() or ()) if k != REQUEST_ID_KEY]
             context.set_trailing_metadata((*trailing, (REQUEST_ID_KEY, request_id)))
+            if code is grpc.StatusCode.UNAVAILABLE:
+                context.abort(code, f"service {owner} is unavailable: {call.details() or 'no details'}")
             if code is not grpc.StatusCode.OK:
                 context.abort(code, call.details() or "")
 

@@ -1,33 +1,39 @@
-"""Wiring of the gateway: its store, its admin API, and the proxy to every service."""
+"""Wiring of the gateway: store, policy, revocations, audit log, admin API and the proxy."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 from falaj.gateway.v1 import service_pb2, service_pb2_grpc
-from falaj_platform.gateway.api import GatewayAdminApi
+from falaj_platform.gateway.api import GatewayAdminApi, load_signing_key
+from falaj_platform.gateway.auditlog import AuditLog
+from falaj_platform.gateway.hooks import GatewayHooks, Reloader, RevocationList
+from falaj_platform.gateway.policy import BUILT_IN_ROLES, Authorizer, PolicyLine, default_policy
 from falaj_platform.gateway.proxy import ProxyHandler, UpstreamChannels
 from falaj_platform.gateway.store import GatewayStore
 from falaj_platform.runtime import tls
 from falaj_platform.runtime.db import Database
-from falaj_platform.runtime.logs import configure_logging
+from falaj_platform.runtime.identity import client_id
+from falaj_platform.runtime.logs import configure_logging, get_logger
 from falaj_platform.runtime.server import RunningServer, create_server, run
 from falaj_platform.runtime.service import ServiceSpec, exit_on_startup_error, open_database
 from falaj_platform.runtime.settings import GATEWAY, Settings, load_settings
 
-
-def register_admin(server: grpc.Server, database: Database, settings: Settings) -> Iterable[str]:
-    # RPCs the servicer does not define yet answer UNIMPLEMENTED (the generated base does that).
-    api = GatewayAdminApi(GatewayStore(database), settings)  # type: ignore[abstract]
-    service_pb2_grpc.add_GatewayAdminServiceServicer_to_server(api, server)
-    return [service_pb2.DESCRIPTOR.services_by_name["GatewayAdminService"].full_name]
+SPEC = ServiceSpec(GATEWAY, Path(__file__).parent / "migrations")
 
 
-SPEC = ServiceSpec(GATEWAY, Path(__file__).parent / "migrations", register_admin)
+def pki_role_bindings(pki_dir: Path) -> list[PolicyLine]:
+    """Role bindings declared when client identities were issued (`falaj pki issue NAME --role ROLE`)."""
+    lines = []
+    for info in sorted((pki_dir / "clients").glob("*/identity.json")):
+        try:
+            data = json.loads(info.read_text())
+            lines.append(PolicyLine.parse(f"g, {client_id(info.parent.name)}, {data['role']}, *"))
+        except (OSError, ValueError, KeyError):
+            get_logger().warning("ignoring unreadable client identity", path=str(info))
+    return lines
 
 
 @dataclass
@@ -36,7 +42,11 @@ class Gateway:
 
     running: RunningServer
     database: Database
+    store: GatewayStore
     channels: UpstreamChannels
+    audit: AuditLog
+    reloader: Reloader
+    authorizer: Authorizer
     closed: list[bool] = field(default_factory=list)
 
     def stop(self, grace: float = 5.0) -> None:
@@ -46,28 +56,48 @@ class Gateway:
     def close(self) -> None:
         if not self.closed:
             self.closed.append(True)
+            self.reloader.stop()
+            self.audit.close()
             self.channels.close()
             self.database.dispose()
 
 
 def start_gateway(settings: Settings, *, listen_addr: str | None = None) -> Gateway:
-    """Open the gateway's store, connect upstream with its own identity, and listen."""
+    """Open the store, load policy and keys, connect upstream with the gateway's identity, listen."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = open_database(SPEC, settings)
+    store = GatewayStore(database)
+    signing_key = load_signing_key(settings.audit_signing_key)
+    store.seed(default_policy([client_id("admin")]), BUILT_IN_ROLES)
+    store.apply_lines(pki_role_bindings(settings.pki_dir), replace=False, actor="falaj:pki", dry_run=False)
+    authorizer = Authorizer([stored.line for stored in store.lines()], store.policy_revision())
+    revocations = RevocationList(store)
+    audit = AuditLog(store, signing_key, settings.data_dir / "audit-anchor.json")
+    reloader = Reloader(store, authorizer, revocations, settings.reload_seconds)
     channels = UpstreamChannels(settings.upstreams, tls.channel_credentials(settings.pki), settings.max_message_bytes)
+    api = GatewayAdminApi(store, settings, authorizer, reloader, audit, signing_key)
+
+    def register(server: object) -> list[str]:
+        service_pb2_grpc.add_GatewayAdminServiceServicer_to_server(api, server)
+        return [service_pb2.DESCRIPTOR.services_by_name["GatewayAdminService"].full_name]
+
     try:
         running = create_server(
             settings,
-            lambda server: SPEC.register(server, database, settings),
+            register,
             listen_addr=listen_addr,
             allowed_peers=None,
             handlers=[ProxyHandler(channels)],
+            hooks=GatewayHooks(authorizer, revocations, audit, settings.region),
+            credentials=tls.rotating_server_credentials(settings.pki),
         )
     except BaseException:
+        audit.close()
         channels.close()
         database.dispose()
         raise
-    return Gateway(running, database, channels)
+    reloader.start()
+    return Gateway(running, database, store, channels, audit, reloader, authorizer)
 
 
 def main() -> None:

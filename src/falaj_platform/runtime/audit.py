@@ -21,7 +21,20 @@ from falaj_platform.runtime.interceptors import current_caller, current_request_
 from falaj_platform.runtime.logs import get_logger
 from falaj_platform.runtime.settings import Settings
 
-SecurityEvent = gateway_messages.SecurityEventType
+
+class SecurityEvent:
+    """Short names for `falaj.gateway.v1.SecurityEventType` values."""
+
+    MODEL_APPROVED = gateway_messages.SECURITY_EVENT_TYPE_MODEL_APPROVED
+    MODEL_PROMOTED = gateway_messages.SECURITY_EVENT_TYPE_MODEL_PROMOTED
+    DEPLOYMENT_ROLLED_BACK = gateway_messages.SECURITY_EVENT_TYPE_DEPLOYMENT_ROLLED_BACK
+    DATA_ERASED = gateway_messages.SECURITY_EVENT_TYPE_DATA_ERASED
+    POLICY_CHANGED = gateway_messages.SECURITY_EVENT_TYPE_POLICY_CHANGED
+    CROSS_REGION_ACCESS = gateway_messages.SECURITY_EVENT_TYPE_CROSS_REGION_ACCESS
+    ARTIFACT_DIGEST_MISMATCH = gateway_messages.SECURITY_EVENT_TYPE_ARTIFACT_DIGEST_MISMATCH
+    CERTIFICATE_REVOKED = gateway_messages.SECURITY_EVENT_TYPE_CERTIFICATE_REVOKED
+    EXPERIMENT_CHANGED = gateway_messages.SECURITY_EVENT_TYPE_EXPERIMENT_CHANGED
+    OTHER = gateway_messages.SECURITY_EVENT_TYPE_OTHER
 
 
 class AuditReporter:

@@ -7,10 +7,12 @@ never touches status codes, logging or metrics itself.
 from __future__ import annotations
 
 import collections
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -18,7 +20,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from falaj_platform.runtime.errors import FalajError, PermissionDenied, Unauthenticated
+from falaj_platform.runtime.errors import FalajError, PermissionDenied, Unauthenticated, Unavailable
 from falaj_platform.runtime.identity import CALLER_METADATA_KEY, peer_spiffe_id
 from falaj_platform.runtime.metrics import ServerMetrics
 
@@ -85,14 +87,42 @@ class CallerPolicy:
         return metadata.get(CALLER_METADATA_KEY, peer)
 
 
-class RuntimeInterceptor(grpc.ServerInterceptor):
-    """Request id, caller identity, structured log line, metrics and error mapping."""
+@dataclass
+class CallInfo:
+    """What the runtime knows about one call; hooks may add the authorization decision."""
 
-    def __init__(self, service: str, metrics: ServerMetrics, caller_policy: CallerPolicy):
+    method: str
+    caller: str
+    request_id: str
+    metadata: dict[str, str]
+    source_address: str
+    decision: str = ""
+    reason: str = ""
+    domain: str = ""
+
+
+class CallHooks(Protocol):
+    """Per-call extension points (the gateway uses them for authorization and audit)."""
+
+    def authorize(self, call: CallInfo, context: grpc.ServicerContext) -> None:
+        """Raise a FalajError (PermissionDenied, Unauthenticated) to refuse the call."""
+
+    def completed(self, call: CallInfo, code: grpc.StatusCode, duration_s: float) -> None:
+        """Runs before the final status reaches the client (an audit record commits here)."""
+
+
+_REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RuntimeInterceptor(grpc.ServerInterceptor):
+    """Request id, caller identity, structured log line, metrics, hooks and error mapping."""
+
+    def __init__(self, service: str, metrics: ServerMetrics, caller_policy: CallerPolicy, hooks: CallHooks | None = None):
         self.service = service
         self.domain = f"{service}.falaj.local"
         self.metrics = metrics
         self.caller_policy = caller_policy
+        self.hooks = hooks
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -117,22 +147,39 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
         )
 
     # -- per-call bookkeeping -------------------------------------------------------
-    def _begin(self, method: str, context: grpc.ServicerContext) -> None:
+    def _begin(self, method: str, context: grpc.ServicerContext) -> CallInfo:
         self.metrics.in_flight.labels(self.service).inc()
         metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        request_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+        request_id = metadata.get(REQUEST_ID_KEY, "")
+        if not _REQUEST_ID_PATTERN.match(request_id):
+            request_id = uuid.uuid4().hex  # absent, or not safe to log and forward
         structlog.contextvars.bind_contextvars(method=method, request_id=request_id, peer=None)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        caller = self.caller_policy.caller(method, context, metadata)
-        structlog.contextvars.bind_contextvars(peer=caller)
+        call = CallInfo(method=method, caller="", request_id=request_id, metadata=metadata, source_address=context.peer())
+        call.caller = self.caller_policy.caller(method, context, metadata)
+        structlog.contextvars.bind_contextvars(peer=call.caller)
+        return call
 
-    def _end(self, method: str, started: float, code: grpc.StatusCode) -> None:
+    def _end(self, method: str, started: float, code: grpc.StatusCode, call: CallInfo | None, context: grpc.ServicerContext) -> None:
         elapsed = time.perf_counter() - started
+        failure: grpc.Status | None = None
+        if self.hooks is not None:
+            if call is None:  # refused before the call was identified
+                call = CallInfo(method=method, caller="", request_id=current_request_id(), metadata={}, source_address=context.peer())
+            try:
+                self.hooks.completed(call, code, elapsed)
+            except Exception as error:  # noqa: BLE001 - fail closed, below
+                # A call whose completion hook (the audit record) fails is refused.
+                typed = error if isinstance(error, FalajError) else Unavailable("the call could not be recorded", reason="HOOK_FAILED")
+                log.error("call completion hook failed", error=str(error))
+                failure, code = status_for(typed, self.domain), typed.code
         self.metrics.in_flight.labels(self.service).dec()
         self.metrics.requests.labels(self.service, method, code.name).inc()
         self.metrics.latency.labels(self.service, method).observe(elapsed)
         log.info("rpc", code=code.name, duration_ms=round(elapsed * 1000, 3))
         structlog.contextvars.unbind_contextvars("method", "request_id", "peer")
+        if failure is not None:
+            context.abort_with_status(failure)
 
     def _fail(self, exc: BaseException, context: grpc.ServicerContext) -> grpc.StatusCode:
         """Set the call's status from an exception and raise; returns only for the type checker."""
@@ -160,14 +207,17 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            call = None
             try:
-                self._begin(method, context)
+                call = self._begin(method, context)
+                if self.hooks is not None:
+                    self.hooks.authorize(call, context)
                 return behavior(request, context)
             except BaseException as exc:  # noqa: BLE001 - mapped to a status right here
                 code = self._code_of(exc, context)
                 self._fail(exc, context)
             finally:
-                self._end(method, started, code)
+                self._end(method, started, code, call, context)
 
         return handle
 
@@ -175,13 +225,16 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
         def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            call = None
             try:
-                self._begin(method, context)
+                call = self._begin(method, context)
+                if self.hooks is not None:
+                    self.hooks.authorize(call, context)
                 yield from behavior(request, context)
             except BaseException as exc:  # noqa: BLE001 - mapped to a status right here
                 code = self._code_of(exc, context)
                 self._fail(exc, context)
             finally:
-                self._end(method, started, code)
+                self._end(method, started, code, call, context)
 
         return handle

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from falaj_platform.runtime import tls
 from falaj_platform.runtime.errors import StartupError
-from falaj_platform.runtime.interceptors import CallerPolicy, RuntimeInterceptor
+from falaj_platform.runtime.interceptors import CallerPolicy, CallHooks, RuntimeInterceptor
 from falaj_platform.runtime.logs import get_logger
 from falaj_platform.runtime.metrics import ServerMetrics
 from falaj_platform.runtime.settings import Settings
@@ -74,6 +74,8 @@ def create_server(
     allowed_peers: frozenset[str] | None = None,
     extra_interceptors: Iterable[grpc.ServerInterceptor] = (),
     handlers: Iterable[grpc.GenericRpcHandler] = (),
+    hooks: CallHooks | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> RunningServer:
     """Start an mTLS server for `settings.component`; `listen_addr` overrides (use port 0 in tests).
 
@@ -81,7 +83,7 @@ def create_server(
     (for services: the gateway); None lets any platform identity call.
     """
     metrics = ServerMetrics(settings.component)
-    interceptor = RuntimeInterceptor(settings.component, metrics, CallerPolicy(allowed_peers))
+    interceptor = RuntimeInterceptor(settings.component, metrics, CallerPolicy(allowed_peers), hooks)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix=settings.component),
         interceptors=[interceptor, *extra_interceptors],
@@ -96,7 +98,7 @@ def create_server(
         (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     addr = listen_addr or settings.listen_addr
-    credentials = tls.server_credentials(settings.pki)
+    credentials = credentials or tls.server_credentials(settings.pki)
     _refuse_if_in_use(addr)
     try:
         port = server.add_secure_port(addr, credentials)

@@ -23,7 +23,7 @@ class ServiceSpec:
 
     component: str
     migrations_dir: Path
-    register: Callable[[grpc.Server, Database, Settings], Iterable[str]]
+    register: Callable[[grpc.Server, Database, Settings], Iterable[str]] | None = None
 
 
 def open_database(spec: ServiceSpec, settings: Settings) -> Database:
@@ -35,12 +35,15 @@ def open_database(spec: ServiceSpec, settings: Settings) -> Database:
 
 def start_service(spec: ServiceSpec, settings: Settings, *, listen_addr: str | None = None) -> tuple[RunningServer, Database]:
     """Open the store and start the mTLS server; only the gateway may call it directly."""
+    register = spec.register
+    if register is None:
+        raise StartupError(f"{spec.component} has its own start function")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = open_database(spec, settings)
     try:
         running = create_server(
             settings,
-            lambda server: spec.register(server, database, settings),
+            lambda server: register(server, database, settings),
             listen_addr=listen_addr,
             allowed_peers=frozenset({GATEWAY_SPIFFE_ID}),
         )

@@ -65,6 +65,9 @@ class Settings:
     worker_threads: int = 32
     migrate: str = "auto"
     upstreams: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    audit_signing_key: Path = Path("audit/signing-key.pem")
+    pki_dir: Path = Path("pki")
+    reload_seconds: float = 2.0
 
     @property
     def data_dir(self) -> Path:
@@ -83,6 +86,16 @@ def _int(env: Mapping[str, str], key: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise StartupError(f"{key}={raw!r} is not an integer") from None
+
+
+def _float(env: Mapping[str, str], key: str, default: float) -> float:
+    raw = env.get(key)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise StartupError(f"{key}={raw!r} is not a number") from None
 
 
 def component_addr(env: Mapping[str, str], component: str) -> str:
@@ -128,4 +141,7 @@ def load_settings(component: str, env: Mapping[str, str] | None = None) -> Setti
         worker_threads=_int(env, "FALAJ_WORKER_THREADS", 32),
         migrate=migrate,
         upstreams=upstreams,
+        audit_signing_key=Path(env.get("FALAJ_AUDIT_SIGNING_KEY", str(pki_dir / "audit" / "signing-key.pem"))),
+        pki_dir=pki_dir,
+        reload_seconds=_float(env, "FALAJ_RELOAD_SECONDS", 2.0),
     )

@@ -49,3 +49,35 @@ def channel_credentials(pki: PkiPaths) -> grpc.ChannelCredentials:
     """Channel credentials presenting this identity's certificate."""
     ca, cert, key = load_identity(pki)
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def rotating_server_credentials(pki: PkiPaths) -> grpc.ServerCredentials:
+    """Server credentials that pick up renewed certificate files without a restart.
+
+    grpc asks the fetcher at each new handshake; it reloads the files when their
+    modification times change. Connections already open keep the certificate they
+    were made with.
+    """
+    ca, cert, key = load_identity(pki)
+    state = {"stamp": _stamp(pki)}
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        stamp = _stamp(pki)
+        if stamp == state["stamp"]:
+            return None
+        try:
+            new_ca, new_cert, new_key = load_identity(pki)
+        except StartupError:
+            return None  # half-written files: keep serving with the current ones
+        state["stamp"] = stamp
+        return grpc.ssl_server_certificate_configuration([(new_key, new_cert)], root_certificates=new_ca)
+
+    initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+    return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
+
+
+def _stamp(pki: PkiPaths) -> tuple[int, ...]:
+    try:
+        return tuple(path.stat().st_mtime_ns for path in (pki.ca_cert, pki.cert, pki.key))
+    except FileNotFoundError:
+        return ()
