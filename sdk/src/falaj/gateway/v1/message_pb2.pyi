@@ -345,8 +345,10 @@ class Policy(_message.Message):
     matches `/falaj.ingest.v1.IngestServiceAdmin/X`.
     """
     action: _builtins.str
-    """Action: `call` for gRPC methods, or a resource action such as `read`, `write`,
-    `cross-region`.
+    """Action the gateway derives from the method's verb: `read` (Get, List, Read, Query,
+    Export, Verify, Check, Stream, Render, Calculate, Download and the inference server
+    and model metadata calls), `predict` (ModelInfer, StreamPredict) or `write`
+    (everything else); `*` means every action.
     """
     effect: Global___PolicyEffect.ValueType
     """Allow or deny."""
