@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import threading
+from pathlib import Path
 
 import grpc
 from cryptography import x509
 
 from falaj_platform.gateway.auditlog import AuditLog
 from falaj_platform.gateway.chain import AuditEntry
-from falaj_platform.gateway.policy import Authorizer, action_of, validate_domain
+from falaj_platform.gateway.policy import Authorizer, PolicyLine, action_of, validate_domain
 from falaj_platform.gateway.store import GatewayStore
 from falaj_platform.runtime.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from falaj_platform.runtime.identity import client_id
 from falaj_platform.runtime.interceptors import OPEN_METHOD_PREFIXES, CallInfo
 from falaj_platform.runtime.logs import get_logger
 
@@ -89,21 +93,52 @@ class GatewayHooks:
         )
 
 
-class Reloader:
-    """Polls the store's policy revision and revocations so every replica follows changes."""
+def pki_role_bindings(pki_dir: Path) -> list[PolicyLine]:
+    """Role bindings declared when client identities were issued (`falaj pki issue NAME --role ROLE`)."""
+    lines = []
+    for info in sorted((pki_dir / "clients").glob("*/identity.json")):
+        try:
+            data = json.loads(info.read_text())
+            lines.append(PolicyLine.parse(f"g, {client_id(info.parent.name)}, {data['role']}, *"))
+        except (OSError, ValueError, KeyError):
+            get_logger().warning("ignoring unreadable client identity", path=str(info))
+    return lines
 
-    def __init__(self, store: GatewayStore, authorizer: Authorizer, revocations: RevocationList, interval: float):
+
+class Reloader:
+    """Keeps this replica's policy, revocations and PKI-declared roles current.
+
+    Every `interval` seconds it reads the store's policy revision (one number), the
+    revoked serials, and whether a client identity was issued since; a change made
+    through any replica's admin API or `falaj pki issue` applies without a restart.
+    """
+
+    def __init__(self, store: GatewayStore, authorizer: Authorizer, revocations: RevocationList, interval: float, pki_dir: Path):
         self.store, self.authorizer, self.revocations, self.interval = store, authorizer, revocations, interval
+        self.pki_dir = pki_dir
+        self._pki_stamp: tuple[tuple[str, int], ...] = ()
+        self._next_expiry: dt.datetime | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="policy-reloader", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def _sync_pki_roles(self) -> None:
+        stamp = tuple((str(p), p.stat().st_mtime_ns) for p in sorted((self.pki_dir / "clients").glob("*/identity.json")))
+        if stamp != self._pki_stamp:
+            self.store.apply_lines(pki_role_bindings(self.pki_dir), replace=False, actor="falaj:pki", dry_run=False)
+            self._pki_stamp = stamp
+
     def reload_now(self) -> None:
+        self._sync_pki_roles()
         revision = self.store.policy_revision()
-        if revision != self.authorizer.revision:
-            self.authorizer.replace([stored.line for stored in self.store.lines()], revision)
+        expired = self._next_expiry is not None and dt.datetime.now(dt.UTC) >= self._next_expiry
+        if revision != self.authorizer.revision or expired:
+            stored = self.store.lines()
+            self.authorizer.replace([s.line for s in stored], revision)
+            expiries = [s.expire_time for s in stored if s.expire_time is not None]
+            self._next_expiry = min(expiries) if expiries else None
         self.revocations.reload()
 
     def _run(self) -> None:

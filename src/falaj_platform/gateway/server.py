@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,30 +9,18 @@ from falaj.gateway.v1 import service_pb2, service_pb2_grpc
 from falaj_platform.gateway.api import GatewayAdminApi, load_signing_key
 from falaj_platform.gateway.auditlog import AuditLog
 from falaj_platform.gateway.hooks import GatewayHooks, Reloader, RevocationList
-from falaj_platform.gateway.policy import BUILT_IN_ROLES, Authorizer, PolicyLine, default_policy
+from falaj_platform.gateway.policy import BUILT_IN_ROLES, Authorizer, default_policy
 from falaj_platform.gateway.proxy import ProxyHandler, UpstreamChannels
 from falaj_platform.gateway.store import GatewayStore
 from falaj_platform.runtime import tls
 from falaj_platform.runtime.db import Database
 from falaj_platform.runtime.identity import client_id
-from falaj_platform.runtime.logs import configure_logging, get_logger
+from falaj_platform.runtime.logs import configure_logging
 from falaj_platform.runtime.server import RunningServer, create_server, run
 from falaj_platform.runtime.service import ServiceSpec, exit_on_startup_error, open_database
 from falaj_platform.runtime.settings import GATEWAY, Settings, load_settings
 
 SPEC = ServiceSpec(GATEWAY, Path(__file__).parent / "migrations")
-
-
-def pki_role_bindings(pki_dir: Path) -> list[PolicyLine]:
-    """Role bindings declared when client identities were issued (`falaj pki issue NAME --role ROLE`)."""
-    lines = []
-    for info in sorted((pki_dir / "clients").glob("*/identity.json")):
-        try:
-            data = json.loads(info.read_text())
-            lines.append(PolicyLine.parse(f"g, {client_id(info.parent.name)}, {data['role']}, *"))
-        except (OSError, ValueError, KeyError):
-            get_logger().warning("ignoring unreadable client identity", path=str(info))
-    return lines
 
 
 @dataclass
@@ -69,11 +56,11 @@ def start_gateway(settings: Settings, *, listen_addr: str | None = None) -> Gate
     store = GatewayStore(database)
     signing_key = load_signing_key(settings.audit_signing_key)
     store.seed(default_policy([client_id("admin")]), BUILT_IN_ROLES)
-    store.apply_lines(pki_role_bindings(settings.pki_dir), replace=False, actor="falaj:pki", dry_run=False)
-    authorizer = Authorizer([stored.line for stored in store.lines()], store.policy_revision())
+    authorizer = Authorizer()
     revocations = RevocationList(store)
+    reloader = Reloader(store, authorizer, revocations, settings.reload_seconds, settings.pki_dir)
+    reloader.reload_now()
     audit = AuditLog(store, signing_key, settings.data_dir / "audit-anchor.json")
-    reloader = Reloader(store, authorizer, revocations, settings.reload_seconds)
     channels = UpstreamChannels(settings.upstreams, tls.channel_credentials(settings.pki), settings.max_message_bytes)
     api = GatewayAdminApi(store, settings, authorizer, reloader, audit, signing_key)
 

@@ -7,7 +7,7 @@ default; a PostgreSQL URL selects the production backend.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,16 +25,30 @@ from falaj_platform.runtime.errors import AlreadyExists, StartupError, Unavailab
 ENV_DIR = Path(__file__).parent / "migrations"
 
 
-def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
-    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.close()
+SQLITE_SYNC_MODES = ("full", "normal")
 
 
-def create_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets its folder created, WAL and foreign keys on."""
+def _sqlite_pragmas(synchronous: str) -> Callable[[object, object], None]:
+    def apply(dbapi_connection: object, _record: object) -> None:
+        cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        cursor.close()
+
+    return apply
+
+
+def create_engine(url: str, *, sqlite_synchronous: str = "full") -> Engine:
+    """An engine for `url`; SQLite gets its folder created, WAL and foreign keys on.
+
+    `sqlite_synchronous`: 'full' syncs the WAL at every commit (survives power loss);
+    'normal' leaves that to checkpoints (a committed transaction survives the process
+    being killed, not the machine losing power) - SQLite's documented WAL trade-off.
+    """
+    if sqlite_synchronous not in SQLITE_SYNC_MODES:
+        raise StartupError(f"SQLite synchronous mode must be one of {', '.join(SQLITE_SYNC_MODES)}")
     try:
         parsed = sa.engine.make_url(url)
     except exc.ArgumentError:
@@ -43,7 +57,7 @@ def create_engine(url: str) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(parsed, connect_args={"check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(sqlite_synchronous))
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -53,9 +67,9 @@ def create_engine(url: str) -> Engine:
 class Database:
     """One service's database: engine, session scope and migrations."""
 
-    def __init__(self, url: str, migrations_dir: Path, version_table: str):
+    def __init__(self, url: str, migrations_dir: Path, version_table: str, *, sqlite_synchronous: str = "full"):
         self.url = url
-        self.engine = create_engine(url)
+        self.engine = create_engine(url, sqlite_synchronous=sqlite_synchronous)
         self.migrations_dir = migrations_dir
         self.version_table = version_table
         self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False)

@@ -28,7 +28,12 @@ class ServiceSpec:
 
 def open_database(spec: ServiceSpec, settings: Settings) -> Database:
     """The service's database, migrated (or checked) to the latest schema."""
-    database = Database(settings.database_url, spec.migrations_dir, version_table=f"falaj_{spec.component}_schema_version")
+    database = Database(
+        settings.database_url,
+        spec.migrations_dir,
+        version_table=f"falaj_{spec.component}_schema_version",
+        sqlite_synchronous=settings.sqlite_synchronous,
+    )
     database.ensure_schema(settings.migrate)
     return database
 

@@ -68,6 +68,7 @@ class Settings:
     audit_signing_key: Path = Path("audit/signing-key.pem")
     pki_dir: Path = Path("pki")
     reload_seconds: float = 2.0
+    sqlite_synchronous: str = "full"
 
     @property
     def data_dir(self) -> Path:
@@ -144,4 +145,7 @@ def load_settings(component: str, env: Mapping[str, str] | None = None) -> Setti
         audit_signing_key=Path(env.get("FALAJ_AUDIT_SIGNING_KEY", str(pki_dir / "audit" / "signing-key.pem"))),
         pki_dir=pki_dir,
         reload_seconds=_float(env, "FALAJ_RELOAD_SECONDS", 2.0),
+        # The gateway's audit log commits on every call's path: by default it survives a
+        # killed process (SQLite WAL 'normal'); set 'full' to also survive power loss.
+        sqlite_synchronous=env.get(_env_key(component, "SQLITE_SYNC"), "normal" if component == GATEWAY else "full").lower(),
     )
