@@ -32,6 +32,7 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALAJ_")}
     env["FALAJ_HOME"] = str(home)
     env["FALAJ_LOG_LEVEL"] = "info"
+    env["FALAJ_RELOAD_SECONDS"] = "0.2"
     for name in COMPONENTS:
         key = "FALAJ_GATEWAY_ADDR" if name == "gateway" else f"FALAJ_{name.upper()}_ADDR"
         env[key] = f"127.0.0.1:{free_port()}"
@@ -221,3 +222,18 @@ def test_readme_sdk_example_runs_as_shown(stack_env: dict[str, str]) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     # The ingest skeleton answers UNIMPLEMENTED until the ingest issue lands.
     assert result.stdout.startswith(("no such dataset:", "UNIMPLEMENTED "))
+
+
+def test_readme_identity_and_policy_commands_run_as_shown(stack_env: dict[str, str]) -> None:
+    import shlex
+    import time
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Identities, policies and the audit log", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    for line in block.strip().splitlines():
+        command = shlex.split(line.split("  #", 1)[0])
+        assert command[0] == "falaj"
+        result = _run(command[1:], stack_env)
+        assert result.returncode == 0, f"{line}: {result.stdout}{result.stderr}"
+        if command[1:3] == ["pki", "issue"]:
+            time.sleep(1.0)  # the gateway binds the new identity's role at its next reload
