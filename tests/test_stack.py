@@ -237,3 +237,10 @@ def test_readme_identity_and_policy_commands_run_as_shown(stack_env: dict[str, s
         assert result.returncode == 0, f"{line}: {result.stdout}{result.stderr}"
         if command[1:3] == ["pki", "issue"]:
             time.sleep(1.0)  # the gateway binds the new identity's role at its next reload
+
+
+@pytest.mark.parametrize("name", ["ingest", "gateway"])
+def test_health_command_reports_serving_with_the_components_own_identity(stack_env: dict[str, str], name: str) -> None:
+    result = _run(["health", name], stack_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == f"{name} {_addr(stack_env, name)}: SERVING"

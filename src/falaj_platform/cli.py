@@ -64,6 +64,19 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when COMPONENT reports SERVING over mTLS (container and probe health checks)."""
+    from falaj_platform.runtime.clients import health_status
+    from falaj_platform.runtime.settings import load_settings
+
+    settings = load_settings(args.component)
+    host, _, port = settings.listen_addr.rpartition(":")
+    addr = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{port}"
+    status = health_status(addr, settings.pki, timeout=args.timeout)
+    print(f"{args.component} {addr}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import runpy
 
@@ -249,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("action", choices=["up", "status", "down"])
     stack.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for SERVING (up)")
     stack.set_defaults(func=cmd_stack)
+
+    health = sub.add_parser("health", help="check one component's gRPC health over mTLS with its own identity")
+    health.add_argument("component", choices=COMPONENTS)
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=cmd_health)
 
     serve = sub.add_parser("serve", help="run one component in the foreground")
     serve.add_argument("component", choices=COMPONENTS)
