@@ -11,7 +11,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,11 +37,14 @@ class RunningServer:
     health: health.HealthServicer
     metrics: ServerMetrics
     service_names: tuple[str, ...]
+    stop_callbacks: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING, then let in-flight calls finish within `grace` seconds."""
+        """Report NOT_SERVING, let in-flight calls finish within `grace` seconds, then stop background work."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        while self.stop_callbacks:
+            self.stop_callbacks.pop()()
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -76,13 +79,14 @@ def create_server(
     handlers: Iterable[grpc.GenericRpcHandler] = (),
     hooks: CallHooks | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    metrics: ServerMetrics | None = None,
 ) -> RunningServer:
     """Start an mTLS server for `settings.component`; `listen_addr` overrides (use port 0 in tests).
 
     `allowed_peers` is the set of SPIFFE IDs that may call non-health methods directly
     (for services: the gateway); None lets any platform identity call.
     """
-    metrics = ServerMetrics(settings.component)
+    metrics = metrics or ServerMetrics(settings.component)
     interceptor = RuntimeInterceptor(settings.component, metrics, CallerPolicy(allowed_peers), hooks)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix=settings.component),
