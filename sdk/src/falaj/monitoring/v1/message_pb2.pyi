@@ -170,7 +170,9 @@ class _DriftMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DriftMeth
     DRIFT_METHOD_UNSPECIFIED: _DriftMethod.ValueType  # 0
     """Not set; chosen by column type and size."""
     DRIFT_METHOD_PSI: _DriftMethod.ValueType  # 1
-    """Population stability index over reference quantile bins; a distance."""
+    """Population stability index over the bins Evidently uses (Sturges bins over both
+    samples, or one bin per value when the reference has at most 20 values); a distance.
+    """
     DRIFT_METHOD_KOLMOGOROV_SMIRNOV: _DriftMethod.ValueType  # 2
     """Two-sample Kolmogorov-Smirnov test (scipy.stats.ks_2samp); a p-value test."""
     DRIFT_METHOD_WASSERSTEIN_NORMALIZED: _DriftMethod.ValueType  # 3
@@ -190,7 +192,9 @@ class DriftMethod(_DriftMethod, metaclass=_DriftMethodEnumTypeWrapper):
 DRIFT_METHOD_UNSPECIFIED: DriftMethod.ValueType  # 0
 """Not set; chosen by column type and size."""
 DRIFT_METHOD_PSI: DriftMethod.ValueType  # 1
-"""Population stability index over reference quantile bins; a distance."""
+"""Population stability index over the bins Evidently uses (Sturges bins over both
+samples, or one bin per value when the reference has at most 20 values); a distance.
+"""
 DRIFT_METHOD_KOLMOGOROV_SMIRNOV: DriftMethod.ValueType  # 2
 """Two-sample Kolmogorov-Smirnov test (scipy.stats.ks_2samp); a p-value test."""
 DRIFT_METHOD_WASSERSTEIN_NORMALIZED: DriftMethod.ValueType  # 3
