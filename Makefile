@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
+SDK_TS := sdk-ts/node_modules/.bin/protoc-gen-es
 
 .PHONY: setup demo test lint proto bench clean
 
@@ -19,24 +20,30 @@ $(BUF): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+$(SDK_TS): sdk-ts/package.json sdk-ts/package-lock.json
+	cd sdk-ts && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/falaj demo
 
-test: setup $(BUF)
+test: setup $(BUF) $(SDK_TS)
 	$(PY) -m pytest
 
-lint: setup $(BUF)
+lint: setup $(BUF) $(SDK_TS)
 	$(VENV)/bin/ruff check src sdk/src/falaj/sdk tests scripts
 	$(VENV)/bin/ruff format --check src sdk/src/falaj/sdk tests scripts
 	$(VENV)/bin/mypy
 	cd proto && ../$(BUF) lint
 	$(PY) scripts/gen_proto.py --check
+	cd sdk-ts && node_modules/.bin/tsc --noEmit -p .
 
-proto: setup $(BUF)
+proto: setup $(BUF) $(SDK_TS)
 	cd proto && ../$(BUF) lint
 	$(PY) scripts/gen_proto.py
+	cd proto && ../$(BUF) generate --template buf.gen.ts.yaml
 
 clean:
-	rm -rf $(VENV) node_modules .falaj .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules sdk-ts/node_modules .falaj .pytest_cache .mypy_cache .ruff_cache

@@ -124,3 +124,14 @@ def test_unknown_or_crafted_methods_are_not_forwarded(routed: grpc.Channel) -> N
     assert owner_of("/falaj.ingest.v1.IngestService/../x") is None
     assert owner_of("/falaj.ingest.v1.IngestService/Get/Extra") is None
     assert owner_of("/falaj.gateway.v1.GatewayAdminService/ListPolicies") is None
+
+
+def test_upstream_targets_balance_ip_replicas_and_resolve_service_names() -> None:
+    from falaj_platform.gateway.proxy import upstream_target
+    from falaj_platform.runtime.errors import StartupError
+
+    assert upstream_target(("127.0.0.1:50061", "127.0.0.2:50061")) == "ipv4:127.0.0.1:50061,127.0.0.2:50061"
+    assert upstream_target(("[::1]:50061",)) == "ipv6:[::1]:50061"
+    assert upstream_target(("ingest:50061",)) == "dns:///ingest:50061"
+    with pytest.raises(StartupError):
+        upstream_target(("ingest-a:50061", "ingest-b:50061"))

@@ -13,12 +13,14 @@ through unchanged.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
 
 from falaj_platform.gateway.routing import owner_of
+from falaj_platform.runtime.errors import StartupError
 from falaj_platform.runtime.identity import CALLER_METADATA_KEY, peer_spiffe_id
 from falaj_platform.runtime.interceptors import REQUEST_ID_KEY, current_request_id
 from falaj_platform.runtime.settings import SERVICES
@@ -49,6 +51,30 @@ def _upstream_timeout(context: grpc.ServicerContext) -> float | None:
     return None if remaining > _NO_DEADLINE_AFTER_S else remaining
 
 
+def upstream_target(addrs: tuple[str, ...]) -> str:
+    """A grpc target for a service's addresses, balanced round-robin by grpc itself.
+
+    IP literals become one `ipv4:`/`ipv6:` target listing them all; one host name becomes a
+    `dns:///` target (a Kubernetes headless Service resolves to every pod). Several
+    host names cannot share one target: that is refused here rather than half-served.
+    """
+    hosts = [addr.rsplit(":", 1)[0].strip("[]") for addr in addrs]
+    if all(_is_ip(host, 4) for host in hosts):
+        return "ipv4:" + ",".join(addrs)
+    if all(_is_ip(host, 6) for host in hosts):
+        return "ipv6:" + ",".join(addrs)
+    if len(addrs) == 1:
+        return f"dns:///{addrs[0]}"
+    raise StartupError(f"upstream addresses {', '.join(addrs)}: give IP addresses, or one DNS name that resolves to every replica")
+
+
+def _is_ip(host: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == version
+    except ValueError:
+        return False
+
+
 class UpstreamChannels:
     """One mTLS channel per service, round-robin across that service's addresses."""
 
@@ -61,7 +87,7 @@ class UpstreamChannels:
             ("grpc.enable_retries", 0),
         ]
         self._channels = {
-            name: grpc.secure_channel("ipv4:" + ",".join(addrs), credentials, options=options) for name, addrs in upstreams.items() if addrs
+            name: grpc.secure_channel(upstream_target(addrs), credentials, options=options) for name, addrs in upstreams.items() if addrs
         }
 
     def get(self, service: str) -> grpc.Channel | None:
