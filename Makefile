@@ -45,5 +45,8 @@ proto: setup $(BUF) $(SDK_TS)
 	$(PY) scripts/gen_proto.py
 	cd proto && ../$(BUF) generate --template buf.gen.ts.yaml
 
+bench: setup
+	$(PY) bench/run_all.py
+
 clean:
-	rm -rf $(VENV) node_modules sdk-ts/node_modules .falaj .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules sdk-ts/node_modules .falaj .bench .pytest_cache .mypy_cache .ruff_cache

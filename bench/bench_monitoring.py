@@ -8,9 +8,9 @@ Falaj's), timed inside that process around `Dataset.from_pandas` + `Report.run`.
 script prints both times, the ratio, and the largest absolute difference between the
 per-column statistics.
 
-Run: .venv/bin/python bench/bench_monitoring.py [--rows 100000] [--features 20] [--repeat 3]
-Evidently: python3 -m venv /tmp/evidently-venv && /tmp/evidently-venv/bin/pip install evidently==0.7.23 'pandas<3'
-(or point EVIDENTLY_PYTHON at another interpreter that has it).
+Run: .venv/bin/python bench/bench_monitoring.py [--rows 100000] [--features 20] [--repeat 3] [--json PATH]
+Evidently 0.7.23 is installed into .bench/venvs/evidently on first use (or point
+EVIDENTLY_PYTHON at another interpreter that has it).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
 
+from bench.peers import peer_python, row, write_rows  # noqa: E402
 from falaj_platform.services.monitoring import drift  # noqa: E402
-
-EVIDENTLY_PYTHON = os.environ.get("EVIDENTLY_PYTHON", "/tmp/evidently-venv/bin/python")
 
 EVIDENTLY_SCRIPT = r"""
 import json, sys, time, warnings
@@ -88,10 +88,12 @@ def run_falaj(reference: pd.DataFrame, current: pd.DataFrame, repeat: int) -> tu
 
 
 def run_evidently(reference_path: Path, current_path: Path, repeat: int) -> dict[str, Any] | str:
-    if not Path(EVIDENTLY_PYTHON).exists():
-        return f"Evidently is not installed at {EVIDENTLY_PYTHON} (see this script's docstring to install it)"
+    try:
+        python = os.environ.get("EVIDENTLY_PYTHON") or str(peer_python("evidently"))
+    except subprocess.CalledProcessError as error:
+        return f"could not install Evidently ({error})"
     completed = subprocess.run(
-        [EVIDENTLY_PYTHON, "-c", EVIDENTLY_SCRIPT, str(reference_path), str(current_path), str(repeat)],
+        [python, "-c", EVIDENTLY_SCRIPT, str(reference_path), str(current_path), str(repeat)],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -107,6 +109,7 @@ def main() -> int:
     parser.add_argument("--features", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--json", type=Path, help="write the table rows here (bench/run_all.py reads them)")
     args = parser.parse_args()
 
     reference, current = frames(args.rows, args.features, args.seed)
@@ -123,9 +126,11 @@ def main() -> int:
         reference.to_parquet(reference_path)
         current.to_parquet(current_path)
         peer = run_evidently(reference_path, current_path, args.repeat)
+    name = f"drift {args.features} cols, {args.rows // 1000}k x {args.rows // 1000}k"
     if isinstance(peer, str):
         print(f"evidently: not run - {peer}")
         print("ratio:     n/a")
+        write_rows(args.json, [row(name, f"{falaj_best:.2f} s", f"Evidently: {peer}", None, ">= 5x faster, same statistics", False)])
         return 0
     evidently_times = [float(t) for t in peer["times"]]
     evidently_best = min(evidently_times)
@@ -140,6 +145,15 @@ def main() -> int:
     print(f"ratio:     Falaj is {evidently_best / falaj_best:.1f}x faster (Evidently {evidently_best:.3f} s / Falaj {falaj_best:.3f} s)")
     same_share = abs(result.drift_share - share) < 1e-12
     print(f"max |Falaj - Evidently| statistic: {differences[worst]:.3e} (column {worst}); same drift share: {same_share}")
+    ratio = evidently_best / falaj_best
+    equal = differences[worst] <= 1e-6 and same_share
+    write_rows(
+        args.json,
+        [
+            row(name, f"{falaj_best:.2f} s", f"Evidently {evidently_best:.2f} s", ratio, ">= 5x faster", ratio >= 5),
+            row("drift statistics vs Evidently", f"max diff {differences[worst]:.1e}", "same frames", None, "<= 1e-6", equal),
+        ],
+    )
     return 0
 
 
