@@ -8,18 +8,33 @@ from pathlib import Path
 import grpc
 
 from falaj.ingest.v1 import service_pb2, service_pb2_grpc
+from falaj_platform.runtime.audit import AuditReporter
 from falaj_platform.runtime.db import Database
-from falaj_platform.runtime.service import ServiceSpec
+from falaj_platform.runtime.service import ServiceRuntime, ServiceSpec
 from falaj_platform.runtime.settings import Settings
 from falaj_platform.services.ingest.api import IngestApi
+from falaj_platform.services.ingest.config import IngestConfig, load_ingest_config
+from falaj_platform.services.ingest.residency import AuditSink
 from falaj_platform.services.ingest.store import IngestStore
 
 
-def register(server: grpc.Server, database: Database, settings: Settings) -> Iterable[str]:
-    # RPCs the servicer does not define yet answer UNIMPLEMENTED (the generated base does that).
-    api = IngestApi(IngestStore(database), settings)  # type: ignore[abstract]
+def build(database: Database, settings: Settings, *, audit: AuditSink | None = None, config: IngestConfig | None = None) -> IngestApi:
+    """The servicer, recovered from any unclean stop and with its background sources started."""
+    api = IngestApi(IngestStore(database), settings, audit=audit or AuditReporter(settings), config=config or load_ingest_config())
+    api.start()
+    return api
+
+
+def serve(server: grpc.Server, api: IngestApi) -> list[str]:
     service_pb2_grpc.add_IngestServiceServicer_to_server(api, server)
     return [service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name]
 
 
-SPEC = ServiceSpec("ingest", Path(__file__).parent / "migrations", register)
+def setup(server: grpc.Server, runtime: ServiceRuntime) -> Iterable[str]:
+    api = build(runtime.database, runtime.settings)
+    # Sources and queued imports stop after the server stops serving, before the store closes.
+    runtime.on_stop(api.close)
+    return serve(server, api)
+
+
+SPEC = ServiceSpec("ingest", Path(__file__).parent / "migrations", setup=setup)
