@@ -21,7 +21,8 @@ import pytest
 import sqlalchemy as sa
 
 from falaj_platform.runtime.db import Database
-from falaj_platform.runtime.service import ServiceSpec, open_database
+from falaj_platform.runtime.metrics import ServerMetrics
+from falaj_platform.runtime.service import ServiceRuntime, ServiceSpec, open_database
 from falaj_platform.runtime.settings import Settings, load_settings
 
 SERVICES = ("features", "training", "serving", "experiments", "monitoring")
@@ -307,6 +308,18 @@ EXPECTED_SERVICE_NAMES = {
 }
 
 
+def add_servicers(spec: ServiceSpec, server: grpc.Server, database: Database, settings: Settings) -> list[str]:
+    """What start_service does with a spec, without mTLS: `setup` or `register`."""
+    if spec.setup is not None:
+        runtime = ServiceRuntime(database, settings, ServerMetrics(spec.component))
+        names = list(spec.setup(server, runtime))
+        for callback in runtime.stop_callbacks:
+            callback()  # background work is not under test here
+        return names
+    assert spec.register is not None
+    return list(spec.register(server, database, settings))
+
+
 @pytest.fixture
 def plain_server() -> Iterator[grpc.Server]:
     # The runtime's mTLS wrapper is tested on its own; here only the servicers matter.
@@ -316,7 +329,7 @@ def plain_server() -> Iterator[grpc.Server]:
 
 
 def test_register_wires_the_named_services(service: Service, database: Database, tmp_path: Path, plain_server: grpc.Server) -> None:
-    names = list(service.spec.register(plain_server, database, settings_for(service.name, tmp_path)))
+    names = list(add_servicers(service.spec, plain_server, database, settings_for(service.name, tmp_path)))
     assert names == EXPECTED_SERVICE_NAMES[service.name]
     assert service.spec.component == service.name
 
@@ -329,7 +342,7 @@ def test_serving_answers_open_inference_protocol_server_calls(tmp_path: Path, pl
     settings = settings_for("serving", tmp_path)
     database = open_database(serving.spec, settings)
     try:
-        serving.spec.register(plain_server, database, settings)
+        add_servicers(serving.spec, plain_server, database, settings)
         port = plain_server.add_insecure_port("127.0.0.1:0")
         plain_server.start()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
