@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import multiprocessing
 import resource
 import statistics
@@ -27,6 +26,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.peers import row, write_rows  # noqa: E402
 
 START = dt.datetime(2025, 3, 1, tzinfo=dt.UTC)
 ACTOR = "spiffe://falaj.local/client/bench"
@@ -361,8 +362,30 @@ def main() -> None:
         + ("" if results["peak_rss_counts_analysis_only"] else "; includes the import peak: VmHWM could not be reset")
         + ")"
     )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    table = [
+        row("assignments in-process", f"{results['assign_domain_per_s']:,.0f}/s", "-", None, "shown (no goal)", None),
+        row(
+            f"analysis of {results['events_analysed']:,} events, streamed",
+            f"{results['analysis_s']:.1f} s, +{results['peak_rss_above_baseline_mib']:.0f} MiB",
+            "-",
+            None,
+            "streamed, bounded memory",
+            results["peak_rss_above_baseline_mib"] < 512,
+        ),
+    ]
+    if "assign_gateway_p50_ms" in results and "assign_direct_p50_ms" in results:
+        table.insert(
+            1,
+            row(
+                "AssignVariant p50 via gateway",
+                f"{results['assign_gateway_p50_ms']:.2f} ms",
+                f"direct {results['assign_direct_p50_ms']:.2f} ms",
+                results["assign_gateway_p50_ms"] / results["assign_direct_p50_ms"],
+                "shown (no goal)",
+                None,
+            ),
+        )
+    write_rows(args.json, table)
 
 
 if __name__ == "__main__":
