@@ -300,7 +300,7 @@ def test_first_migration_builds_an_empty_database_and_the_store_reads_it(service
 # -- wiring -----------------------------------------------------------------------------
 
 EXPECTED_SERVICE_NAMES = {
-    "features": ["falaj.features.v1.FeaturesService"],
+    "features": ["falaj.features.v1.FeaturesService", "feast.serving.ServingService"],
     "training": ["falaj.training.v1.TrainingService"],
     "serving": ["falaj.serving.v1.ServingService", "inference.GRPCInferenceService"],
     "experiments": ["falaj.experiments.v1.ExperimentsService"],

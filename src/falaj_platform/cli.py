@@ -209,6 +209,21 @@ def cmd_pki_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features_apply(args: argparse.Namespace) -> int:
+    from falaj_platform.services.features.definitions import DefinitionFileError, build_apply_request, describe_changes
+
+    try:
+        request = build_apply_request(args.file, prune=args.prune, validate_only=args.dry_run)
+    except DefinitionFileError as error:
+        print(f"falaj: error: {error}", file=sys.stderr)
+        return 2
+    with _admin_client(args) as falaj:
+        response = falaj.features.ApplyFeatureDefinitions(request, timeout=120)
+    for line in describe_changes(response):
+        print(line)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from falaj_platform.demo import run_demo
 
@@ -257,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit", type=int, default=50)
     audit.add_argument("--identity", default="admin", help="client identity to call the gateway with")
     audit.set_defaults(func=cmd_audit)
+
+    features = sub.add_parser("features", help="feature definitions").add_subparsers(dest="features_command", required=True)
+    apply = features.add_parser("apply", help="make the feature registry match a YAML/JSON definition file")
+    apply.add_argument("file", type=Path)
+    apply.add_argument("--prune", action="store_true", help="also delete your definitions the file leaves out")
+    apply.add_argument("--dry-run", action="store_true", help="print the plan without changing anything")
+    apply.add_argument("--identity", default="admin", help="client identity to call the gateway with")
+    apply.set_defaults(func=cmd_features_apply)
 
     stack = sub.add_parser("stack", help="run every service and the gateway as local processes")
     stack.add_argument("action", choices=["up", "status", "down"])

@@ -33,13 +33,18 @@ _DROPPED_METADATA = frozenset({CALLER_METADATA_KEY, REQUEST_ID_KEY, "user-agent"
 _NO_DEADLINE_AFTER_S = 365 * 24 * 3600.0
 
 _CONTRACT_MODULES = [f"falaj.{name}.v1.service_pb2" for name in SERVICES] + ["falaj.inference.open_inference_grpc_pb2"]
+# Feast's serving contract ships inside the feast package, whose import costs seconds; its
+# two methods are unary (feast/protos/feast/serving/ServingService.proto).
+_FEAST_SERVING_KINDS = {
+    "/feast.serving.ServingService/GetFeastServingInfo": (False, False),
+    "/feast.serving.ServingService/GetOnlineFeatures": (False, False),
+}
 
 
 def method_kinds() -> dict[str, tuple[bool, bool]]:
     """(client_streaming, server_streaming) of every method of the platform's contracts."""
-    kinds = {}
-    for module_name in _CONTRACT_MODULES:
-        module = importlib.import_module(module_name)
+    kinds = dict(_FEAST_SERVING_KINDS)
+    for module in (importlib.import_module(name) for name in _CONTRACT_MODULES):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 kinds[f"/{service.full_name}/{method.name}"] = (method.client_streaming, method.server_streaming)
