@@ -380,7 +380,7 @@ def main() -> None:
                 "AssignVariant p50 via gateway",
                 f"{results['assign_gateway_p50_ms']:.2f} ms",
                 f"direct {results['assign_direct_p50_ms']:.2f} ms",
-                results["assign_gateway_p50_ms"] / results["assign_direct_p50_ms"],
+                results["assign_direct_p50_ms"] / results["assign_gateway_p50_ms"],
                 "shown (no goal)",
                 None,
             ),

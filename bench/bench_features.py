@@ -284,7 +284,7 @@ def main() -> int:
                 f"online features {size} entit{'y' if size == 1 else 'ies'} x 10 p50 / p99",
                 f"{results[f'gateway_{size}_p50']:.2f} / {results[f'gateway_{size}_p99']:.2f} ms (direct {results[f'direct_{size}_p50']:.2f})",
                 f"feast serve {results[f'feast_{size}_p50']:.2f} / {results[f'feast_{size}_p99']:.2f} ms",
-                results[f"gateway_{size}_p50"] / results[f"feast_{size}_p50"],
+                results[f"feast_{size}_p50"] / results[f"gateway_{size}_p50"],
                 "p50 below feast serve",
                 results[f"gateway_{size}_p50"] < results[f"feast_{size}_p50"],
             )

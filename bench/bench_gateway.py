@@ -238,7 +238,7 @@ def main() -> int:
                 "gateway overhead p50 / p99",
                 f"{overhead['gateway_p50_ms']:.2f} / {overhead['gateway_p99_ms']:.2f} ms",
                 f"direct {overhead['direct_p50_ms']:.2f} / {overhead['direct_p99_ms']:.2f} ms",
-                overhead["gateway_p50_ms"] / overhead["direct_p50_ms"],
+                overhead["direct_p50_ms"] / overhead["gateway_p50_ms"],
                 "shown (no goal)",
                 None,
             ),

@@ -43,5 +43,9 @@ def write_rows(path: Path | None, rows: list[dict[str, object]]) -> None:
 
 
 def row(benchmark: str, falaj: str, peer: str, ratio: float | None, goal: str, met: bool | None) -> dict[str, object]:
-    """One line of the benchmark table: Falaj's figure, the peer's, their ratio and the goal."""
+    """One line of the benchmark table: Falaj's figure, the peer's, their ratio and the goal.
+
+    `ratio` reads "times better than the peer or floor": peer time / Falaj time, or Falaj
+    rate / peer rate (below 1, Falaj is behind).
+    """
     return {"benchmark": benchmark, "falaj": falaj, "peer": peer, "ratio": ratio, "goal": goal, "met": met}

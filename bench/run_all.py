@@ -3,7 +3,8 @@
 Each bench script runs in its own process with `--json`, returning rows of
 (benchmark, Falaj's figure, the peer's or floor's figure, ratio, goal, met). The table is
 printed, written to bench/results/latest.json, and to docs/benchmarks.md with the date
-and the machine. Absolute times on shared 2-core machines are noisy; ratios measured in
+and the machine. The ratio always reads "times better than the peer or floor": the
+peer's time over Falaj's, or Falaj's rate over the peer's; below 1 Falaj is behind. Absolute times on shared 2-core machines are noisy; ratios measured in
 the same run are what count.
 """
 
@@ -114,6 +115,8 @@ def main() -> int:
             "# Benchmarks\n\n"
             f"Measured {now} on {machine()} by `make bench` (each peer measured in the same run; "
             "shared machines are noisy, so ratios are what count).\n\n"
+            'The ratio reads "times better than the peer or floor" (peer time / Falaj time, or Falaj rate / peer rate); '
+            "below 1 Falaj is behind.\n\n"
             f"{table}\n\n"
             + "".join(f"- `{r['script']}`: {r['status']}, {r['seconds']} s\n" for r in results)
             + "\nWhere a goal is missed, the notes below say by how much and why.\n"
