@@ -173,6 +173,15 @@ def test_a_stream_cut_mid_batch_commits_nothing(ingest: IngestUnderTest) -> None
 
     call = ingest.stub.IngestBatches.future(cut_stream(), metadata=ALICE, timeout=60)
     assert sent_two.wait(10)
+
+    def started() -> bool:
+        return bool(ingest.stub.ListIngestions(rr.ListIngestionsRequest(parent=dataset), metadata=ALICE).ingestions)
+
+    # Cut the stream once the service is reading it (a cancel before it read the header
+    # leaves nothing to record, which proves less).
+    deadline = dt.datetime.now() + dt.timedelta(seconds=10)
+    while not started() and dt.datetime.now() < deadline:
+        threading.Event().wait(0.02)
     call.cancel()
     with pytest.raises(grpc.FutureCancelledError):
         call.result()

@@ -188,8 +188,8 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
         aborted = context.code()
         if isinstance(aborted, grpc.StatusCode) and aborted is not grpc.StatusCode.OK:
             raise exc  # the servicer aborted on its own; keep its status
-        if isinstance(exc, GeneratorExit):
-            raise exc  # the client went away mid-stream
+        if isinstance(exc, GeneratorExit) or (isinstance(exc, grpc.RpcError) and not context.is_active()):
+            raise exc  # the client went away mid-stream (cancelled, or its deadline passed)
         log.error("unhandled exception", exc_info=exc)
         context.abort_with_status(_with_request_id(_INTERNAL_STATUS))
         raise AssertionError("unreachable")  # abort always raises
@@ -201,7 +201,8 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
         aborted = context.code()
         if isinstance(aborted, grpc.StatusCode) and aborted is not grpc.StatusCode.OK:
             return aborted
-        return grpc.StatusCode.CANCELLED if isinstance(exc, GeneratorExit) else grpc.StatusCode.INTERNAL
+        gone = isinstance(exc, GeneratorExit) or (isinstance(exc, grpc.RpcError) and not context.is_active())
+        return grpc.StatusCode.CANCELLED if gone else grpc.StatusCode.INTERNAL
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         def handle(request: Any, context: grpc.ServicerContext) -> Any:

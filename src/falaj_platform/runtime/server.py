@@ -21,6 +21,7 @@ from falaj_platform.runtime import tls
 from falaj_platform.runtime.errors import StartupError
 from falaj_platform.runtime.interceptors import CallerPolicy, CallHooks, RuntimeInterceptor
 from falaj_platform.runtime.logs import get_logger
+from falaj_platform.runtime.memory import bound_large_allocations
 from falaj_platform.runtime.metrics import ServerMetrics
 from falaj_platform.runtime.settings import Settings
 
@@ -119,6 +120,7 @@ def create_server(
 def run(settings: Settings, start: Callable[[], RunningServer], on_stop: Callable[[], None] = lambda: None) -> None:
     """Start the server, expose metrics, block until SIGTERM/SIGINT, then stop gracefully."""
     log = get_logger()
+    bound_large_allocations()
     running = start()
     metrics_port = running.metrics.serve_http(settings.metrics_addr)
     log.info("serving", addr=settings.listen_addr, port=running.port, metrics_port=metrics_port, region=settings.region)
