@@ -115,5 +115,5 @@ def call(channel: grpc.Channel, method: str, request: bytes = b"", **kwargs: obj
     try:
         channel.unary_unary(method)(request, timeout=10, **kwargs)
     except grpc.RpcError as error:
-        return error.code()  # type: ignore[no-any-return]
+        return error.code()  # type: ignore[no-any-return, unused-ignore]
     return grpc.StatusCode.OK
