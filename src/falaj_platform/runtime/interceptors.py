@@ -7,9 +7,9 @@ never touches status codes, logging or metrics itself.
 from __future__ import annotations
 
 import collections
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -123,6 +123,22 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
         self.metrics = metrics
         self.caller_policy = caller_policy
         self.hooks = hooks
+        # Labelled children looked up once: prometheus_client's labels() takes a lock.
+        self._in_flight = metrics.in_flight.labels(service)
+        self._counts: dict[tuple[str, grpc.StatusCode], Any] = {}
+        self._latencies: dict[str, Any] = {}
+
+    def _count(self, method: str, code: grpc.StatusCode) -> Any:
+        child = self._counts.get((method, code))
+        if child is None:
+            child = self._counts[(method, code)] = self.metrics.requests.labels(self.service, method, code.name)
+        return child
+
+    def _latency(self, method: str) -> Any:
+        child = self._latencies.get(method)
+        if child is None:
+            child = self._latencies[method] = self.metrics.latency.labels(self.service, method)
+        return child
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
@@ -148,11 +164,11 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
 
     # -- per-call bookkeeping -------------------------------------------------------
     def _begin(self, method: str, context: grpc.ServicerContext) -> CallInfo:
-        self.metrics.in_flight.labels(self.service).inc()
+        self._in_flight.inc()
         metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         request_id = metadata.get(REQUEST_ID_KEY, "")
         if not _REQUEST_ID_PATTERN.match(request_id):
-            request_id = uuid.uuid4().hex  # absent, or not safe to log and forward
+            request_id = os.urandom(16).hex()  # absent, or not safe to log and forward
         structlog.contextvars.bind_contextvars(method=method, request_id=request_id, peer=None)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         call = CallInfo(method=method, caller="", request_id=request_id, metadata=metadata, source_address=context.peer())
@@ -173,9 +189,9 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
                 typed = error if isinstance(error, FalajError) else Unavailable("the call could not be recorded", reason="HOOK_FAILED")
                 log.error("call completion hook failed", error=str(error))
                 failure, code = status_for(typed, self.domain), typed.code
-        self.metrics.in_flight.labels(self.service).dec()
-        self.metrics.requests.labels(self.service, method, code.name).inc()
-        self.metrics.latency.labels(self.service, method).observe(elapsed)
+        self._in_flight.dec()
+        self._count(method, code).inc()
+        self._latency(method).observe(elapsed)
         log.info("rpc", code=code.name, duration_ms=round(elapsed * 1000, 3))
         structlog.contextvars.unbind_contextvars("method", "request_id", "peer")
         if failure is not None:
