@@ -131,6 +131,39 @@ def test_entity_rows_from_an_ingest_dataset_version_with_carried_label(features:
     assert manifest.entity_dataset_version == version
 
 
+def test_rows_of_subjects_without_consent_are_left_out_and_counted(features: Features, spend_view: str) -> None:
+    from falaj.ingest.v1 import message_pb2 as ingest
+
+    labels = features.source.add_dataset(
+        "labels_with_subjects",
+        {"customer_id": ingest.COLUMN_TYPE_INT, "as_of": ingest.COLUMN_TYPE_TIMESTAMP, "person": ingest.COLUMN_TYPE_STRING},
+        event_time_column="as_of",
+        residency_region="ae-dxb",
+        data_subject_column="person",
+    )
+    version = features.source.commit(
+        labels,
+        pa.table(
+            {
+                "customer_id": pa.array([1, 2, 1], pa.int64()),
+                "as_of": pa.array([T0 - 4 * H, T0 - 3 * H, T0 - 2 * H], pa.timestamp("us", tz="UTC")),
+                "person": ["p-1", "p-2", "p-1"],
+            }
+        ),
+    )
+    features.source.grant_consent("p-1", "training")
+    request = requests.GetHistoricalFeaturesRequest(
+        features=messages.FeatureSelection(features=messages.FeatureReferences(references=[f"{spend_view}:amount"])),
+        entity_dataset=messages.EntityDatasetSource(dataset_version=version),
+        consent_purpose="training",
+        full_feature_names=True,
+    )
+    table, manifest, _ = retrieve(features, request)
+    assert table.column("customer_id").to_pylist() == [1, 1]  # p-2 gave no consent to training
+    assert "person" not in table.column_names  # read for the check, not handed out
+    assert manifest.rows_excluded_without_consent == 1
+
+
 def test_bad_historical_requests_are_refused(features: Features, spend_view: str) -> None:
     def call(request: requests.GetHistoricalFeaturesRequest) -> tuple[grpc.StatusCode, str]:
         return status_code(lambda: list(features.stub.GetHistoricalFeatures(request, metadata=ALICE, timeout=30)))

@@ -135,6 +135,18 @@ class IngestDatasetSource:
                 if code not in _RETRIABLE or attempt >= self.read_attempts:
                     raise _translate(error, f"reading dataset version {version}") from None
 
+    def consented_subjects(self, subject_ids: Sequence[str], purpose: str) -> set[str]:
+        granted: set[str] = set()
+        wanted = ingest_messages.ConsentPurpose.Value(f"CONSENT_PURPOSE_{purpose.upper()}")
+        for start in range(0, len(subject_ids), 1000):
+            request = ingest_requests.CheckConsentRequest(subject_ids=list(subject_ids[start : start + 1000]), purpose=wanted)
+            try:
+                reply = self._stub().CheckConsent(request, timeout=self.timeout, metadata=self._metadata())
+            except grpc.RpcError as error:
+                raise _translate(error, "checking consent") from None
+            granted |= {c.subject_id for c in reply.consents if c.state == ingest_messages.CONSENT_STATE_GRANTED}
+        return granted
+
     def get_erasure_receipt(self, receipt: str) -> ErasureInfo:
         try:
             reply = self._stub().GetErasureReceipt(

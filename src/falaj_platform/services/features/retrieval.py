@@ -36,6 +36,8 @@ from falaj_platform.services.features.materialization import OfflineData
 from falaj_platform.services.features.sources import DatasetSource
 from falaj_platform.services.features.store import FeaturesStore
 
+CONSENT_PURPOSES = ("training", "analytics")
+
 PRESENT = feast_serving.FieldStatus.PRESENT
 NULL_VALUE = feast_serving.FieldStatus.NULL_VALUE
 NOT_FOUND = feast_serving.FieldStatus.NOT_FOUND
@@ -335,17 +337,18 @@ class Reader:
     def historical(self, request: requests.GetHistoricalFeaturesRequest) -> Iterator[requests.GetHistoricalFeaturesResponse]:
         """Point-in-time join of entity rows, streamed as Arrow batches, then a manifest."""
         resolution = self._resolve_selection(request.features, request.full_feature_names)
-        if request.consent_purpose:
-            raise FailedPrecondition(
-                "consent_purpose filtering is not available in this version of the features service", reason="CONSENT_FILTER_UNAVAILABLE"
-            )
+        purpose = request.consent_purpose.strip().lower()
+        if purpose and purpose not in CONSENT_PURPOSES:
+            raise InvalidArgument(f"consent_purpose must be one of {', '.join(CONSENT_PURPOSES)}", reason="INVALID_CONSENT_PURPOSE")
         if request.max_rows_per_batch < 0:
             raise InvalidArgument("max_rows_per_batch must not be negative", reason="INVALID_BATCH_SIZE")
         batch_rows = request.max_rows_per_batch or self.config.default_batch_rows
         manifest = messages.RetrievalManifest(retrieval_id=uuid.uuid4().hex, feature_references=[o.reference for o in resolution.outputs])
         if resolution.feature_service:
             manifest.feature_service = names.name(names.FEATURE_SERVICES, resolution.feature_service)
-        rows, timestamp_column = self._entity_rows(request, manifest)
+        rows, timestamp_column, subject_column = self._entity_rows(request, manifest, purpose)
+        if purpose and subject_column:
+            rows = self._with_consent(rows, subject_column, purpose, request, manifest)
         # Each view reads the ingest version it should (pulled now if newer), recorded for lineage.
         catalog = self._served()
         for view_id in resolution.views:
@@ -376,10 +379,40 @@ class Reader:
         manifest.complete_time.FromDatetime(dt.datetime.now(dt.UTC))
         yield requests.GetHistoricalFeaturesResponse(manifest=manifest)
 
+    def _with_consent(
+        self,
+        rows: Iterator[pa.RecordBatch],
+        subject_column: str,
+        purpose: str,
+        request: requests.GetHistoricalFeaturesRequest,
+        manifest: messages.RetrievalManifest,
+    ) -> Iterator[pa.RecordBatch]:
+        """Leave out rows whose data subject has not consented to `purpose` (asked of ingest)."""
+        keep_subject = subject_column in request.entity_dataset.carry_columns
+        decided: dict[str, bool] = {}
+        for batch in rows:
+            subjects = batch.column(subject_column).cast(pa.string())
+            unknown = [s for s in set(subjects.to_pylist()) if s is not None and s not in decided]
+            if unknown:
+                granted = self.source.consented_subjects(unknown, purpose)
+                decided.update({s: s in granted for s in unknown})
+            mask = pa.array([subject is not None and decided[subject] for subject in subjects.to_pylist()], pa.bool_())
+            kept = batch.filter(mask)
+            manifest.rows_excluded_without_consent += batch.num_rows - kept.num_rows
+            if not keep_subject:
+                kept = kept.drop_columns([subject_column])
+            yield kept
+
     def _entity_rows(
-        self, request: requests.GetHistoricalFeaturesRequest, manifest: messages.RetrievalManifest
-    ) -> tuple[Iterator[pa.RecordBatch], str]:
+        self, request: requests.GetHistoricalFeaturesRequest, manifest: messages.RetrievalManifest, purpose: str = ""
+    ) -> tuple[Iterator[pa.RecordBatch], str, str]:
+        """Entity rows, their timestamp column, and the data-subject column read for consent ('' if none)."""
         which = request.WhichOneof("entity_rows")
+        if which == "inline_entity_rows" and purpose:
+            raise InvalidArgument(
+                "consent_purpose needs entity rows from an ingest dataset (entity_dataset), whose data-subject column names the subjects",
+                reason="CONSENT_NEEDS_DATASET",
+            )
         if which == "inline_entity_rows":
             try:
                 with pa.ipc.open_stream(request.inline_entity_rows.arrow_ipc) as reader:
@@ -392,7 +425,7 @@ class Reader:
                     reason="ROW_COUNT_MISMATCH",
                 )
             timestamp_column = request.event_timestamp_column or DEFAULT_ENTITY_DF_EVENT_TIMESTAMP_COL
-            return iter(table.to_batches()), timestamp_column
+            return iter(table.to_batches()), timestamp_column, ""
         if which == "entity_dataset":
             source = request.entity_dataset
             version = self.source.get_version(source.dataset_version)
@@ -409,10 +442,14 @@ class Reader:
                 timestamp_column,
                 *[c for c in source.carry_columns if c not in resolution.join_keys and c != timestamp_column],
             ]
+            # A dataset without a data-subject column holds no personal data: nothing to filter.
+            subject_column = dataset.data_subject_column if purpose else ""
+            if subject_column and subject_column not in columns:
+                columns.append(subject_column)
             start = source.start_time.ToDatetime(dt.UTC) if source.HasField("start_time") else None
             end = source.end_time.ToDatetime(dt.UTC) if source.HasField("end_time") else None
             rows = self.source.read_version(version.name, columns, start, end, expected_content_hash=version.content_hash)
-            return rows, timestamp_column
+            return rows, timestamp_column, subject_column
         raise InvalidArgument("entity rows are required: inline_entity_rows or entity_dataset", reason="NO_ENTITY_ROWS")
 
     @staticmethod

@@ -93,6 +93,10 @@ class DatasetSource(Protocol):
         With `expected_content_hash` the read fails (FailedPrecondition) if the version
         was rewritten (by an erasure) since its manifest was read."""
 
+    def consented_subjects(self, subject_ids: Sequence[str], purpose: str) -> set[str]:
+        """The subjects among `subject_ids` whose consent to `purpose` is granted now."""
+        ...
+
     def get_erasure_receipt(self, receipt: str) -> ErasureInfo:
         """An erasure receipt `erasureReceipts/{receipt}`."""
 
@@ -109,7 +113,16 @@ class InMemoryDatasetSource:
     def __init__(self) -> None:
         self._datasets: dict[str, _Dataset] = {}
         self._receipts: dict[str, ErasureInfo] = {}
+        self._consents: dict[str, set[str]] = {}
         self._lock = threading.Lock()
+
+    def grant_consent(self, subject_id: str, purpose: str) -> None:
+        with self._lock:
+            self._consents.setdefault(purpose, set()).add(subject_id)
+
+    def consented_subjects(self, subject_ids: Sequence[str], purpose: str) -> set[str]:
+        with self._lock:
+            return set(subject_ids) & self._consents.get(purpose, set())
 
     def add_dataset(
         self,
