@@ -1,8 +1,13 @@
-"""Wiring of the serving service: store + management and inference servicers on the shared runtime."""
+"""Wiring of the serving service: store, model source, engine, management and inference servicers.
+
+`build_spec(...)` lets tests inject the model source, the features, experiments and
+monitoring clients and the auditor; production gets the gateway-backed ones.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -10,24 +15,114 @@ import grpc
 from falaj.inference import open_inference_grpc_pb2, open_inference_grpc_pb2_grpc
 from falaj.serving.v1 import service_pb2, service_pb2_grpc
 from falaj_platform.runtime.db import Database
-from falaj_platform.runtime.service import ServiceSpec
+from falaj_platform.runtime.metrics import ServerMetrics
+from falaj_platform.runtime.service import ServiceRuntime, ServiceSpec
 from falaj_platform.runtime.settings import Settings
 from falaj_platform.services.serving.api import ServingApi
+from falaj_platform.services.serving.assignment import (
+    ExperimentsAssigner,
+    ExperimentsExposureSink,
+    ExposureRecorder,
+    ExposureSink,
+    VariantAssigner,
+)
+from falaj_platform.services.serving.config import ServingConfig
+from falaj_platform.services.serving.deployments import DeploymentService
+from falaj_platform.services.serving.engine import InferenceEngine
+from falaj_platform.services.serving.enrichment import Enricher, FeaturesClient, GatewayFeaturesClient
 from falaj_platform.services.serving.inference_api import InferenceApi
+from falaj_platform.services.serving.metrics import ServingCollector
+from falaj_platform.services.serving.models import ModelManager
+from falaj_platform.services.serving.prediction_log import MonitoringSink, PredictionLogger, PredictionLogSink
+from falaj_platform.services.serving.security import GatewayAuditor, ServingAuditor
+from falaj_platform.services.serving.sources import ModelSource, RegistryModelSource
 from falaj_platform.services.serving.store import ServingStore
+from falaj_platform.services.serving.streaming import StreamPredictor
 
 
-def register(server: grpc.Server, database: Database, settings: Settings) -> Iterable[str]:
-    store = ServingStore(database)
-    # RPCs the servicers do not define yet answer UNIMPLEMENTED (the generated bases do that).
-    management_api = ServingApi(store, settings)  # type: ignore[abstract]
-    inference_api = InferenceApi(store, settings)  # type: ignore[abstract]
-    service_pb2_grpc.add_ServingServiceServicer_to_server(management_api, server)
-    open_inference_grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference_api, server)
-    return [
-        service_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name,
-        open_inference_grpc_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-    ]
+@dataclass
+class Collaborators:
+    """What serving talks to; None means the production client through the gateway."""
+
+    source: ModelSource | None = None
+    features: FeaturesClient | None = None
+    assigner: VariantAssigner | None = None
+    exposures: ExposureSink | None = None
+    prediction_logs: PredictionLogSink | None = None
+    auditor: ServingAuditor | None = None
 
 
-SPEC = ServiceSpec("serving", Path(__file__).parent / "migrations", register)
+@dataclass
+class ServingContext:
+    """Everything a running serving replica is made of (tests look inside through on_context)."""
+
+    config: ServingConfig
+    store: ServingStore
+    manager: ModelManager
+    engine: InferenceEngine
+    deployments: DeploymentService
+    logger: PredictionLogger
+    exposures: ExposureRecorder
+    stop_callbacks: list[Callable[[], None]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        while self.stop_callbacks:
+            self.stop_callbacks.pop()()
+
+
+def build_context(runtime: ServiceRuntime, config: ServingConfig, parts: Collaborators) -> ServingContext:
+    settings = runtime.settings
+    auditor: ServingAuditor = parts.auditor or GatewayAuditor(settings)
+    source = parts.source or RegistryModelSource(config.gateway_addr, config.pki, timeout=max(config.upstream_timeout_s, 60.0))
+    manager = ModelManager(config, source, auditor)
+    logger = PredictionLogger(
+        parts.prediction_logs or MonitoringSink(config.gateway_addr, config.pki), send_attempts=config.prediction_log_send_attempts
+    )
+    assigner = parts.assigner or ExperimentsAssigner(config.gateway_addr, config.pki, refresh_s=config.assignment_config_refresh_s)
+    exposures = ExposureRecorder(
+        parts.exposures or ExperimentsExposureSink(config.gateway_addr, config.pki), flush_interval_s=config.exposure_flush_interval_s
+    )
+    enricher = Enricher(parts.features or GatewayFeaturesClient(config.gateway_addr, config.pki), config.upstream_timeout_s)
+    engine = InferenceEngine(
+        manager, logger, assigner=assigner, exposures=exposures, enricher=enricher, shadow_queue_size=config.shadow_queue_size
+    )
+    store = ServingStore(runtime.database)
+    variant_versions = getattr(assigner, "variant_versions", None)
+    deployments = DeploymentService(store, config, manager, engine, logger, auditor, variant_versions)
+    engine.on_route_failure = deployments.nudge_judge
+    runtime.metrics.registry.register(ServingCollector(engine, logger))
+    context = ServingContext(config, store, manager, engine, deployments, logger, exposures)
+    # Stopped in reverse: loops first, then queues are flushed, then sessions dropped.
+    context.stop_callbacks += [manager.close, engine.close, logger.stop, exposures.stop, deployments.stop]
+    return context
+
+
+def build_spec(
+    *,
+    configure: Callable[[ServingConfig], ServingConfig] = lambda config: config,
+    collaborators: Callable[[ServingConfig], Collaborators] = lambda config: Collaborators(),
+    on_context: Callable[[ServingContext], None] = lambda context: None,
+) -> ServiceSpec:
+    """The service spec; tests inject collaborators and look at the context through the hooks."""
+
+    def setup(server: grpc.Server, runtime: ServiceRuntime) -> Iterable[str]:
+        config = configure(ServingConfig.from_settings(runtime.settings))
+        context = build_context(runtime, config, collaborators(config))
+        on_context(context)
+        service_pb2_grpc.add_ServingServiceServicer_to_server(ServingApi(context.deployments, StreamPredictor(context.engine)), server)
+        open_inference_grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceApi(context.engine), server)
+        context.deployments.start()
+        runtime.on_stop(context.stop)
+        return [
+            service_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name,
+            open_inference_grpc_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        ]
+
+    def register(server: grpc.Server, database: Database, settings: Settings) -> Iterable[str]:
+        # The plain form (no stop callbacks to run): for tools that only need the wiring.
+        return setup(server, ServiceRuntime(database, settings, ServerMetrics(settings.component)))
+
+    return ServiceSpec("serving", Path(__file__).parent / "migrations", register=register, setup=setup)
+
+
+SPEC = build_spec()

@@ -3,12 +3,21 @@
 
 A deployment's live traffic split is the split of its current revision; every change
 opens a new rollout row, so the history of splits and of canary promotions and
-rollbacks is the rollouts table.
+rollbacks is the rollouts table. Proto-shaped settings are kept as JSON (protobuf's
+JSON mapping with field names as in the .proto), so old rows stay readable as the
+contract grows.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from falaj_platform.runtime.db import Database, request_log_columns
 
@@ -78,12 +87,98 @@ served_models = sa.Table(
 request_log = sa.Table("request_log", metadata, *request_log_columns())
 
 
+@dataclass(frozen=True)
+class DeploymentRow:
+    id: str
+    display_name: str
+    description: str
+    model: str
+    residency_region: str
+    current_revision: int
+    runtime_json: str
+    feature_enrichment_json: str | None
+    prediction_log_json: str
+    state: str
+    state_reason: str
+    labels_json: str
+    etag: str
+    created_by: str
+    created_at: dt.datetime
+    updated_by: str
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    deployment: str
+    revision: int
+    traffic_split_json: str
+    previous_revision: int
+    state: str
+    trigger: str
+    reason: str
+    canary_step: int
+    route_statuses_json: str
+    created_by: str
+    created_at: dt.datetime
+    end_time: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class ServedModelRow:
+    id: str
+    model_version: str
+    state: str
+    state_reason: str
+    runtime_json: str
+    residency_region: str
+    artifact_sha256: str
+    created_by: str
+    created_at: dt.datetime
+    load_start_time: dt.datetime | None
+    ready_time: dt.datetime | None
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _deployment(row: Any) -> DeploymentRow:
+    values = dict(row._mapping)
+    values["created_at"] = _utc(values["created_at"])
+    values["updated_at"] = _utc(values["updated_at"])
+    return DeploymentRow(**values)
+
+
+def _rollout(row: Any) -> RolloutRow:
+    values = dict(row._mapping)
+    values["created_at"] = _utc(values["created_at"])
+    values["end_time"] = _utc(values["end_time"])
+    return RolloutRow(**values)
+
+
+def _served(row: Any) -> ServedModelRow:
+    values = dict(row._mapping)
+    for name in ("created_at", "load_start_time", "ready_time"):
+        values[name] = _utc(values[name])
+    return ServedModelRow(**values)
+
+
 class ServingStore:
     """Every read and write of deployments, rollouts and served models goes through here."""
 
     def __init__(self, database: Database):
         self.database = database
 
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One transaction (commit on success, domain errors for driver errors)."""
+        with self.database.session_scope() as session:
+            yield session
+
+    # -- deployments -----------------------------------------------------------------------
     def current_traffic_split_json(self, deployment_id: str) -> str | None:
         """The traffic split (JSON) of the deployment's current revision; None for an unknown deployment."""
         query = (
@@ -93,3 +188,106 @@ class ServingStore:
         )
         with self.database.session_scope() as session:
             return session.execute(query).scalar_one_or_none()
+
+    @staticmethod
+    def get_deployment(session: Session, deployment_id: str, *, for_update: bool = False) -> DeploymentRow | None:
+        query = sa.select(deployments).where(deployments.c.id == deployment_id)
+        if for_update:
+            query = query.with_for_update()
+        row = session.execute(query).first()
+        return _deployment(row) if row is not None else None
+
+    @staticmethod
+    def list_deployments(
+        session: Session, *, after: str = "", limit: int = 50, model: str = "", state: str = "", region: str = ""
+    ) -> list[DeploymentRow]:
+        query = sa.select(deployments).where(deployments.c.id > after).order_by(deployments.c.id).limit(limit)
+        if model:
+            query = query.where(deployments.c.model == model)
+        if state:
+            query = query.where(deployments.c.state == state)
+        if region:
+            query = query.where(deployments.c.residency_region == region)
+        return [_deployment(row) for row in session.execute(query)]
+
+    @staticmethod
+    def deployment_revisions(session: Session) -> dict[str, tuple[int, str]]:
+        """Every deployment's current revision and etag (what a replica compares to sync)."""
+        rows = session.execute(sa.select(deployments.c.id, deployments.c.current_revision, deployments.c.etag))
+        return {row.id: (int(row.current_revision), row.etag) for row in rows}
+
+    @staticmethod
+    def insert_deployment(session: Session, values: dict[str, Any]) -> None:
+        session.execute(deployments.insert().values(**values))
+
+    @staticmethod
+    def update_deployment(session: Session, deployment_id: str, values: dict[str, Any], *, expected_revision: int | None = None) -> bool:
+        """Change a deployment; with expected_revision, only while it is still at that revision."""
+        statement = deployments.update().where(deployments.c.id == deployment_id).values(**values)
+        if expected_revision is not None:
+            statement = statement.where(deployments.c.current_revision == expected_revision)
+        return bool(cast(Any, session.execute(statement)).rowcount)
+
+    @staticmethod
+    def delete_deployment(session: Session, deployment_id: str) -> None:
+        session.execute(rollouts.delete().where(rollouts.c.deployment == deployment_id))
+        session.execute(deployments.delete().where(deployments.c.id == deployment_id))
+
+    # -- rollouts --------------------------------------------------------------------------
+    @staticmethod
+    def insert_rollout(session: Session, values: dict[str, Any]) -> None:
+        session.execute(rollouts.insert().values(**values))
+
+    @staticmethod
+    def get_rollout(session: Session, deployment_id: str, revision: int) -> RolloutRow | None:
+        row = session.execute(sa.select(rollouts).where(rollouts.c.deployment == deployment_id, rollouts.c.revision == revision)).first()
+        return _rollout(row) if row is not None else None
+
+    @staticmethod
+    def list_rollouts(session: Session, deployment_id: str, *, before: int | None = None, limit: int = 50) -> list[RolloutRow]:
+        query = sa.select(rollouts).where(rollouts.c.deployment == deployment_id).order_by(rollouts.c.revision.desc()).limit(limit)
+        if before is not None:
+            query = query.where(rollouts.c.revision < before)
+        return [_rollout(row) for row in session.execute(query)]
+
+    @staticmethod
+    def update_rollout(session: Session, deployment_id: str, revision: int, values: dict[str, Any]) -> None:
+        session.execute(rollouts.update().where(rollouts.c.deployment == deployment_id, rollouts.c.revision == revision).values(**values))
+
+    @staticmethod
+    def current_splits(session: Session) -> dict[str, str]:
+        """Current traffic split JSON of every deployment, by deployment id."""
+        query = sa.select(deployments.c.id, rollouts.c.traffic_split_json).join(
+            rollouts, sa.and_(rollouts.c.deployment == deployments.c.id, rollouts.c.revision == deployments.c.current_revision)
+        )
+        return {row.id: row.traffic_split_json for row in session.execute(query)}
+
+    # -- served models ---------------------------------------------------------------------
+    @staticmethod
+    def get_served_model(session: Session, served_id: str) -> ServedModelRow | None:
+        row = session.execute(sa.select(served_models).where(served_models.c.id == served_id)).first()
+        return _served(row) if row is not None else None
+
+    @staticmethod
+    def served_model_of_version(session: Session, model_version: str) -> ServedModelRow | None:
+        row = session.execute(sa.select(served_models).where(served_models.c.model_version == model_version)).first()
+        return _served(row) if row is not None else None
+
+    @staticmethod
+    def list_served_models(
+        session: Session, *, after: str = "", limit: int = 50, model_version: str = "", state: str = ""
+    ) -> list[ServedModelRow]:
+        query = sa.select(served_models).where(served_models.c.id > after).order_by(served_models.c.id).limit(limit)
+        if model_version:
+            query = query.where(served_models.c.model_version == model_version)
+        if state:
+            query = query.where(served_models.c.state == state)
+        return [_served(row) for row in session.execute(query)]
+
+    @staticmethod
+    def insert_served_model(session: Session, values: dict[str, Any]) -> None:
+        session.execute(served_models.insert().values(**values))
+
+    @staticmethod
+    def update_served_model(session: Session, served_id: str, values: dict[str, Any]) -> None:
+        session.execute(served_models.update().where(served_models.c.id == served_id).values(**values))
