@@ -244,3 +244,23 @@ def test_health_command_reports_serving_with_the_components_own_identity(stack_e
     result = _run(["health", name], stack_env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == f"{name} {_addr(stack_env, name)}: SERVING"
+
+
+def test_models_import_registers_an_external_onnx_file(stack_env: dict[str, str], tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "identity.onnx"
+    onnx.save(model, path)
+    result = _run(["models", "import", "external-identity", str(path), "--task", "regression"], stack_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("registered models/external-identity/versions/1 (")
+    missing = _run(["models", "import", "external-identity", str(tmp_path / "nope.onnx")], stack_env)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr

@@ -224,6 +224,37 @@ def cmd_features_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_import(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from falaj.common.v1 import common_pb2
+    from falaj.training.v1 import message_pb2 as tm
+    from falaj.training.v1 import request_response_pb2 as tr
+
+    try:
+        content = Path(args.file).read_bytes()
+    except OSError as error:
+        print(f"falaj: error: cannot read {args.file}: {error.strerror}", file=sys.stderr)
+        return 2
+    task = tm.TaskType.Value("TASK_TYPE_" + args.task.upper().replace("-", "_"))
+    header = tr.ImportModelVersionHeader(
+        registered_model=f"models/{args.name}",
+        residency=common_pb2.Residency(region=args.region),
+        task=task,
+        description=args.description,
+        expected_sha256=hashlib.sha256(content).hexdigest(),
+        expected_size_bytes=len(content),
+        import_source=str(Path(args.file).resolve()),
+    )
+    chunk = 1024 * 1024
+    requests = [tr.ImportModelVersionRequest(header=header)]
+    requests += [tr.ImportModelVersionRequest(chunk=content[i : i + chunk]) for i in range(0, len(content), chunk)]
+    with _admin_client(args) as falaj:
+        version = falaj.training.ImportModelVersion(iter(requests), timeout=300).model_version
+    print(f"registered {version.name} ({len(content):,} bytes, sha256 {header.expected_sha256[:12]}...)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from falaj_platform.demo import run_demo
 
@@ -280,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--dry-run", action="store_true", help="print the plan without changing anything")
     apply.add_argument("--identity", default="admin", help="client identity to call the gateway with")
     apply.set_defaults(func=cmd_features_apply)
+
+    models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
+    model_import = models.add_parser("import", help="register an externally built ONNX model as a new version")
+    model_import.add_argument("name", help="registered model name (created when new)")
+    model_import.add_argument("file", type=Path, help="the .onnx file")
+    model_import.add_argument(
+        "--task", choices=["binary-classification", "multiclass-classification", "regression"], default="binary-classification"
+    )
+    model_import.add_argument("--region", default="ae-dxb", help="residency region of the model")
+    model_import.add_argument("--description", default="")
+    model_import.add_argument("--identity", default="admin", help="client identity to call the gateway with")
+    model_import.set_defaults(func=cmd_models_import)
 
     stack = sub.add_parser("stack", help="run every service and the gateway as local processes")
     stack.add_argument("action", choices=["up", "status", "down"])
