@@ -228,18 +228,6 @@ def main() -> None:
         finally:
             service.close()
     plain_s, wall_s, training_s = statistics.median(plain), statistics.median(walls), statistics.median(trainings)
-    result = {
-        "rows": args.rows,
-        "train_rows": len(train_rows),
-        "epochs": args.epochs,
-        "threads": args.threads,
-        "plain_loop_s": round(plain_s, 3),
-        "job_training_s": round(training_s, 3),
-        "job_wall_s": round(wall_s, 3),
-        "training_overhead_ratio": round(training_s / plain_s, 3),
-        "training_overhead_best_of_ratio": round(min(trainings) / min(plain), 3),
-        "job_wall_ratio": round(wall_s / plain_s, 3),
-    }
     print(
         f"training: {args.rows} rows ({len(train_rows)} trained), {FEATURES} features, MLP {list(HIDDEN)}, "
         f"batch {BATCH}, {args.epochs} epochs, {args.threads} thread(s), median of {args.repeats}"
