@@ -119,7 +119,8 @@ def main() -> int:
             "below 1 Falaj is behind.\n\n"
             f"{table}\n\n"
             + "".join(f"- `{r['script']}`: {r['status']}, {r['seconds']} s\n" for r in results)
-            + "\nWhere a goal is missed, the notes below say by how much and why.\n"
+            + "\n"
+            + (ROOT / "bench" / "NOTES.md").read_text()
         )
     return 0
 
