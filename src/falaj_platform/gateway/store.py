@@ -257,7 +257,10 @@ class GatewayStore:
             present = {_row_line(row): row.id for row in rows}
             want = list(dict.fromkeys(wanted))
             to_add = [line for line in want if line not in present]
-            to_remove = [line_id for line, line_id in present.items() if replace and line not in set(want)]
+            built_in = {row.id for row in rows if row.created_by in ("falaj:bootstrap", "falaj:pki")}
+            # REPLACE keeps the built-in role lines, service bindings and the roles declared
+            # when identities were issued, as the contract says.
+            to_remove = [line_id for line, line_id in present.items() if replace and line not in set(want) and line_id not in built_in]
             unchanged = len(want) - len(to_add)
             if dry_run:
                 return len(to_add), len(to_remove), unchanged, int(session.execute(sa.select(policy_state.c.revision)).scalar() or 0)

@@ -43,6 +43,8 @@ class IngestConfig:
     nats_commit_max_interval_seconds: float = 5.0
     # Threads running queued (return_immediately) imports.
     import_workers: int = 2
+    # Local folders file imports may never read: the platform's own data, keys and PKI.
+    protected_roots: tuple[str, ...] = ()
 
 
 def _json_mapping(env: Mapping[str, str], key: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from sqlalchemy import exc as sa_exc
 
 from falaj.common.v1 import common_pb2 as common
 from falaj.ingest.v1 import message_pb2 as m
-from falaj_platform.runtime.errors import InvalidArgument, ResourceExhausted, Unavailable
+from falaj_platform.runtime.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
 from falaj_platform.services.ingest.commits import Batch, IngestInput, ParseFailure, stream_digest
 from falaj_platform.services.ingest.validation import InputShape, as_text
 
@@ -112,7 +113,20 @@ def _format_of(path: str, declared: int) -> int:
     raise InvalidArgument(f"cannot tell the format of {path!r} from its extension; set file.format", reason="UNKNOWN_FILE_FORMAT")
 
 
-def open_filesystem(uri: str, storage_options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, list[str], str]:
+def _refuse_protected(fs: fsspec.AbstractFileSystem, paths: Sequence[str], protected_roots: Sequence[str]) -> None:
+    """Local files inside the platform's own folders (keys, PKI, other stores) are never read."""
+    if not protected_roots or "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return
+    for path in paths:
+        real = os.path.realpath(path)
+        for root in protected_roots:
+            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+                raise PermissionDenied("file imports may not read the platform's own data, keys or certificates", reason="PROTECTED_PATH")
+
+
+def open_filesystem(
+    uri: str, storage_options: Mapping[str, Any], protected_roots: Sequence[str] = ()
+) -> tuple[fsspec.AbstractFileSystem, list[str], str]:
     """(filesystem, matching paths, how to show the location) for a local path, fsspec URL or glob."""
     if not uri:
         raise InvalidArgument("file.uri is required", reason="FILE_URI_REQUIRED")
@@ -133,6 +147,7 @@ def open_filesystem(uri: str, storage_options: Mapping[str, Any]) -> tuple[fsspe
             paths = [path]
     except OSError as error:
         raise Unavailable(f"cannot reach {uri!r}: {error}", reason="FILE_SOURCE_UNREACHABLE") from None
+    _refuse_protected(fs, paths, protected_roots)
     return fs, paths, uri
 
 
@@ -227,9 +242,11 @@ def _read_parquet(fs: fsspec.AbstractFileSystem, path: str, spec: m.FileImportSp
     return Batch(path, _rename(table, spec.column_mapping))
 
 
-def read_files(spec: m.FileImportSpec, schema: m.Schema, storage_options: Mapping[str, Any]) -> IngestInput:
+def read_files(
+    spec: m.FileImportSpec, schema: m.Schema, storage_options: Mapping[str, Any], protected_roots: Sequence[str] = ()
+) -> IngestInput:
     """Every file matching the spec, as one input (a glob commits all its files together)."""
-    fs, paths, _ = open_filesystem(spec.uri, storage_options)
+    fs, paths, _ = open_filesystem(spec.uri, storage_options, protected_roots)
     batches: list[Batch] = []
     failures: list[ParseFailure] = []
     text = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,7 +22,11 @@ from falaj_platform.services.ingest.store import IngestStore
 
 def build(database: Database, settings: Settings, *, audit: AuditSink | None = None, config: IngestConfig | None = None) -> IngestApi:
     """The servicer, recovered from any unclean stop and with its background sources started."""
-    api = IngestApi(IngestStore(database), settings, audit=audit or AuditReporter(settings), config=config or load_ingest_config())
+    config = config or load_ingest_config()
+    # File imports never read FALAJ_HOME (every store, keys) or the PKI folder.
+    protected = tuple(dict.fromkeys(os.path.realpath(str(p)) for p in (*config.protected_roots, settings.home, settings.pki_dir)))
+    config = dataclasses.replace(config, protected_roots=protected)
+    api = IngestApi(IngestStore(database), settings, audit=audit or AuditReporter(settings), config=config)
     api.start()
     return api
 

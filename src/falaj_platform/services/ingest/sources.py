@@ -128,7 +128,7 @@ class SourceManager:
         run = self.committer.submit if request.return_immediately else self.committer.run
         return run(
             dataset_id,
-            lambda: readers.read_files(spec, self._schema(dataset_id), options),
+            lambda: readers.read_files(spec, self._schema(dataset_id), options, self.config.protected_roots),
             Origin(m.SOURCE_KIND_FILE, readers.describe_file(spec)),
             Options(request.write_mode or m.WRITE_MODE_APPEND, request.validate_only),
             lambda ingestion: rr.ImportFileResponse(ingestion=ingestion),
@@ -204,7 +204,7 @@ class SourceManager:
     def _probe(self, kind: str, source: m.Source) -> None:
         """validate_only: the connection is reachable and the stream or file exists."""
         if kind == "file":
-            readers.open_filesystem(source.file.uri, self._storage_options(source.file.storage_profile))
+            readers.open_filesystem(source.file.uri, self._storage_options(source.file.storage_profile), self.config.protected_roots)
         elif kind == "sql":
             url = self._sql_url(source.sql, stored=True)
             engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
@@ -389,7 +389,7 @@ class SourceManager:
         if kind == "file":
             spec_file = source.file
             storage_options = self._storage_options(spec_file.storage_profile)
-            read = lambda: readers.read_files(spec_file, self._schema(dataset_id), storage_options)  # noqa: E731
+            read = lambda: readers.read_files(spec_file, self._schema(dataset_id), storage_options, self.config.protected_roots)  # noqa: E731
             origin = Origin(m.SOURCE_KIND_FILE, readers.describe_file(spec_file), source=source.name)
         else:
             spec_sql = source.sql
