@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import random
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,10 +35,24 @@ def missing_service(reason: str) -> None:
     pytest.skip(reason)
 
 
+_PORTS = iter(random.Random(os.getpid()).sample(range(20000, 32000), 12000))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free now, below the kernel's ephemeral range (32768-60999 by default).
+
+    Ports the kernel hands out with bind(0) come from the same range as the source ports
+    of outgoing connections, so one picked that way can be taken by a client socket
+    before the server that was meant to listen on it starts. This range is not.
+    """
+    for port in _PORTS:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from falaj.sdk import Falaj, connect
-from falaj_platform.runtime.errors import FalajError, StartupError
+from falaj_platform.runtime.errors import AlreadyExists, FalajError, StartupError
 from falaj_platform.runtime.settings import COMPONENTS, GATEWAY, home_from
 
 if TYPE_CHECKING:
@@ -137,13 +138,20 @@ def cmd_policy(args: argparse.Namespace) -> int:
             print(f"falaj: error: invalid policy line: {error}", file=sys.stderr)
             return 2
         if args.action == "add":
-            if line.ptype == "p":
-                sub, dom, obj, act, eft = line.values
-                effect = gm.POLICY_EFFECT_DENY if eft == "deny" else gm.POLICY_EFFECT_ALLOW
-                admin.CreatePolicy(gr.CreatePolicyRequest(policy=gm.Policy(subject=sub, domain=dom, object=obj, action=act, effect=effect)))
-            else:
-                member, role, dom = line.values
-                admin.CreateRoleBinding(gr.CreateRoleBindingRequest(binding=gm.RoleBinding(member=member, role=role, domain=dom)))
+            request_id = uuid.uuid4().hex  # the SDK retries UNAVAILABLE: the retry must not add twice
+            try:
+                if line.ptype == "p":
+                    sub, dom, obj, act, eft = line.values
+                    effect = gm.POLICY_EFFECT_DENY if eft == "deny" else gm.POLICY_EFFECT_ALLOW
+                    policy = gm.Policy(subject=sub, domain=dom, object=obj, action=act, effect=effect)
+                    admin.CreatePolicy(gr.CreatePolicyRequest(policy=policy, request_id=request_id))
+                else:
+                    member, role, dom = line.values
+                    binding = gm.RoleBinding(member=member, role=role, domain=dom)
+                    admin.CreateRoleBinding(gr.CreateRoleBindingRequest(binding=binding, request_id=request_id))
+            except AlreadyExists:
+                print(f"already present: {line.csv()}")
+                return 0
             print(f"added: {line.csv()}")
             return 0
         from falaj_platform.gateway.api import line_id

@@ -105,6 +105,28 @@ def test_policy_change_applies_without_restart_and_is_audited(platform: Platform
     assert {e.action for e in events} >= {"add", "remove"}
 
 
+def test_policy_writes_with_a_request_id_take_effect_once_and_a_duplicate_line_is_already_exists(platform: Platform) -> None:
+    admin = gs.GatewayAdminServiceStub(platform.channel("root"))
+    policy = gm.Policy(
+        subject="spiffe://falaj.local/client/nobody", domain="*", object="/falaj.ingest.v1.IngestService/GetDataset", action="read"
+    )
+    create = gr.CreatePolicyRequest(policy=policy, request_id="create-once")
+    created = admin.CreatePolicy(create, timeout=5)
+    revision = admin.ListPolicies(gr.ListPoliciesRequest(), timeout=5).policy_revision
+    assert admin.CreatePolicy(create, timeout=5) == created  # the retry is answered, nothing written
+    assert admin.ListPolicies(gr.ListPoliciesRequest(), timeout=5).policy_revision == revision
+    with pytest.raises(grpc.RpcError) as duplicate:
+        admin.CreatePolicy(gr.CreatePolicyRequest(policy=policy, request_id="create-again"), timeout=5)
+    assert duplicate.value.code() is grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]
+    assert created.policy.name in duplicate.value.details()  # type: ignore[attr-defined]
+    delete = gr.DeletePolicyRequest(name=created.policy.name, request_id="delete-once")
+    deleted = admin.DeletePolicy(delete, timeout=5)
+    assert admin.DeletePolicy(delete, timeout=5) == deleted  # a retried delete is not NOT_FOUND
+    with pytest.raises(grpc.RpcError) as gone:
+        admin.DeletePolicy(gr.DeletePolicyRequest(name=created.policy.name), timeout=5)
+    assert gone.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
 def test_explicit_deny_overrides_a_role_allow(platform: Platform) -> None:
     admin = gs.GatewayAdminServiceStub(platform.channel("root"))
     method = "/falaj.training.v1.TrainingService/ListRegisteredModels"

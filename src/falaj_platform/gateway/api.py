@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import hashlib
 import io
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,11 +28,13 @@ from falaj_platform.gateway.chain import GENESIS_HASH, AuditEntry, ChainedRecord
 from falaj_platform.gateway.hooks import Reloader
 from falaj_platform.gateway.policy import ACTIONS, Authorizer, PolicyLine, action_of
 from falaj_platform.gateway.store import AuditFilter, GatewayStore, StoredLine, StoredRevocation, StoredRole
-from falaj_platform.runtime.errors import InvalidArgument, NotFound, StartupError
+from falaj_platform.runtime.errors import AlreadyExists, InvalidArgument, NotFound, StartupError
 from falaj_platform.runtime.interceptors import current_caller, current_request_id
 from falaj_platform.runtime.settings import Settings
 
 T = TypeVar("T")
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
 ROLE_ID = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 MAX_PAGE = 1000
 _DECISION = {"allow": m.DECISION_ALLOW, "deny": m.DECISION_DENY}
@@ -91,6 +95,32 @@ def _resource_id(name: str, collection: str) -> str:
     return name[len(prefix) :]
 
 
+def idempotent(
+    handler: Callable[[GatewayAdminApi, RequestT, grpc.ServicerContext], ResponseT],
+) -> Callable[[GatewayAdminApi, RequestT, grpc.ServicerContext], ResponseT]:
+    """A write whose request carries a request_id: a retry with the same body gets the first answer.
+
+    A reused id with another body is refused (FAILED_PRECONDITION, REQUEST_ID_REUSED) and
+    nothing is written. Failed writes are not remembered, so their retry runs again.
+    """
+    method = handler.__name__
+    response_type = getattr(rr, f"{method}Response")
+
+    @functools.wraps(handler)
+    def wrapper(self: GatewayAdminApi, request: RequestT, context: grpc.ServicerContext) -> ResponseT:
+        if not getattr(request, "request_id", ""):
+            return handler(self, request, context)
+        with self._writes:  # admin writes are rare; one at a time keeps check-then-write whole
+            replayed = self.store.replayed_response(method, request, response_type)  # type: ignore[arg-type]
+            if replayed is not None:
+                return replayed
+            response = handler(self, request, context)
+            self.store.remember_response(method, request, response)  # type: ignore[arg-type]
+            return response
+
+    return wrapper
+
+
 class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
     def __init__(
         self,
@@ -107,6 +137,7 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
         self.reloader = reloader
         self.audit = audit
         self.public_key = signing_key.public_key()
+        self._writes = threading.Lock()
 
     # -- helpers ------------------------------------------------------------------------
     def _policy_changed(self, action: str, detail: str) -> None:
@@ -241,13 +272,13 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
             raise InvalidArgument(f"invalid policy line {line!r}: {error}", reason="INVALID_POLICY") from None
 
     # -- policies -----------------------------------------------------------------------
+    @idempotent
     def CreatePolicy(self, request: rr.CreatePolicyRequest, context: grpc.ServicerContext) -> rr.CreatePolicyResponse:
         p = request.policy
         effect = "deny" if p.effect == m.POLICY_EFFECT_DENY else "allow"
         line = self._parse(", ".join(("p", p.subject, p.domain or "*", p.object, p.action or "*", effect)))
-        existing = [s for s in self.store.lines() if s.line == line]
-        if existing:
-            return rr.CreatePolicyResponse(policy=self._policy(existing[0]), policy_revision=self.store.policy_revision())
+        if any(s.line == line for s in self.store.lines()):
+            raise AlreadyExists(f"policies/{line_id(line)} already exists: {line.csv()}", reason="POLICY_EXISTS")
         _, revision = self.store.add_lines([line], actor=current_caller(), description=p.description)
         self._policy_changed("add", line.csv())
         return rr.CreatePolicyResponse(
@@ -273,12 +304,14 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
             policies=[self._policy(s) for s in page], next_page_token=token, policy_revision=self.store.policy_revision()
         )
 
+    @idempotent
     def DeletePolicy(self, request: rr.DeletePolicyRequest, context: grpc.ServicerContext) -> rr.DeletePolicyResponse:
         stored = self._find_line(request.name, "policies", "p")
         revision = self.store.delete_line(stored.id, "p")
         self._policy_changed("remove", stored.line.csv())
         return rr.DeletePolicyResponse(name=request.name, policy_revision=revision)
 
+    @idempotent
     def ImportPolicies(self, request: rr.ImportPoliciesRequest, context: grpc.ServicerContext) -> rr.ImportPoliciesResponse:
         lines, errors = [], []
         for number, raw in enumerate(request.casbin_csv.splitlines(), start=1):
@@ -323,6 +356,7 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
         )
 
     # -- roles and bindings -------------------------------------------------------------
+    @idempotent
     def CreateRole(self, request: rr.CreateRoleRequest, context: grpc.ServicerContext) -> rr.CreateRoleResponse:
         name = request.role_id or _resource_id(request.role.name, "roles")
         if not ROLE_ID.match(name):
@@ -339,6 +373,7 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
         page, token = _page(self.store.roles(), request.page_size, request.page_token)
         return rr.ListRolesResponse(roles=[self._role(r, lines) for r in page], next_page_token=token)
 
+    @idempotent
     def UpdateRole(self, request: rr.UpdateRoleRequest, context: grpc.ServicerContext) -> rr.UpdateRoleResponse:
         name = _resource_id(request.role.name, "roles")
         paths = set(request.update_mask.paths) or {"description", "parent_roles"}
@@ -354,18 +389,19 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
         self._policy_changed("update-role", name)
         return rr.UpdateRoleResponse(role=self._role(role, self.store.lines()))
 
+    @idempotent
     def DeleteRole(self, request: rr.DeleteRoleRequest, context: grpc.ServicerContext) -> rr.DeleteRoleResponse:
         name = _resource_id(request.name, "roles")
         self.store.delete_role(name, force=request.force, etag=request.etag)
         self._policy_changed("delete-role", name)
         return rr.DeleteRoleResponse(name=request.name)
 
+    @idempotent
     def CreateRoleBinding(self, request: rr.CreateRoleBindingRequest, context: grpc.ServicerContext) -> rr.CreateRoleBindingResponse:
         b = request.binding
         line = self._parse(", ".join(("g", b.member, b.role, b.domain or "*")))
-        existing = [s for s in self.store.lines() if s.line == line]
-        if existing:
-            return rr.CreateRoleBindingResponse(binding=self._binding(existing[0]), policy_revision=self.store.policy_revision())
+        if any(s.line == line for s in self.store.lines()):
+            raise AlreadyExists(f"roleBindings/{line_id(line)} already exists: {line.csv()}", reason="ROLE_BINDING_EXISTS")
         expire = b.expire_time.ToDatetime(tzinfo=dt.UTC) if b.HasField("expire_time") else None
         _, revision = self.store.add_lines([line], actor=current_caller(), description=b.description, expire_time=expire)
         self._policy_changed("bind", line.csv())
@@ -388,6 +424,7 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
         page, token = _page(rows, request.page_size, request.page_token)
         return rr.ListRoleBindingsResponse(bindings=[self._binding(s) for s in page], next_page_token=token)
 
+    @idempotent
     def DeleteRoleBinding(self, request: rr.DeleteRoleBindingRequest, context: grpc.ServicerContext) -> rr.DeleteRoleBindingResponse:
         stored = self._find_line(request.name, "roleBindings", "g")
         revision = self.store.delete_line(stored.id, "g")
@@ -395,6 +432,7 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
         return rr.DeleteRoleBindingResponse(name=request.name, policy_revision=revision)
 
     # -- revocations --------------------------------------------------------------------
+    @idempotent
     def CreateRevocation(self, request: rr.CreateRevocationRequest, context: grpc.ServicerContext) -> rr.CreateRevocationResponse:
         r = request.revocation
         serial = r.serial_number.lower().removeprefix("0x")

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from falaj_platform.gateway.routing import owner_of
+from falaj_platform.runtime.clients import RECONNECT_OPTIONS
 from falaj_platform.runtime.errors import StartupError
 from falaj_platform.runtime.identity import CALLER_METADATA_KEY, peer_spiffe_id
 from falaj_platform.runtime.interceptors import REQUEST_ID_KEY, current_request_id
@@ -90,6 +91,7 @@ class UpstreamChannels:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.enable_retries", 0),
+            *RECONNECT_OPTIONS,
         ]
         self._channels = {
             name: grpc.secure_channel(upstream_target(addrs), credentials, options=options) for name, addrs in upstreams.items() if addrs

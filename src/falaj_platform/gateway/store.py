@@ -9,12 +9,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from google.protobuf.message import Message
 from sqlalchemy.orm import Session
 
 from falaj_platform.gateway.chain import GENESIS_HASH, AuditEntry, ChainedRecord, Checkpoint, chain
 from falaj_platform.gateway.policy import PolicyLine
 from falaj_platform.runtime.db import Database, request_log_columns
 from falaj_platform.runtime.errors import AlreadyExists, FailedPrecondition, NotFound
+from falaj_platform.runtime.idempotency import ResponseT, remember, replayed_response
 
 metadata = sa.MetaData()
 
@@ -191,6 +193,16 @@ class GatewayStore:
 
     def __init__(self, database: Database):
         self.database = database
+
+    # -- idempotent writes --------------------------------------------------------------
+    def replayed_response(self, method: str, request: Message, response_type: type[ResponseT]) -> ResponseT | None:
+        """The stored answer to an earlier identical write with this request's id, or None."""
+        with self.database.session_scope() as session:
+            return replayed_response(session, request_log, method, request, response_type)
+
+    def remember_response(self, method: str, request: Message, response: Message) -> None:
+        with self.database.session_scope() as session:
+            remember(session, request_log, method, request, response)
 
     # -- policy -------------------------------------------------------------------------
     def policy_revision(self) -> int:

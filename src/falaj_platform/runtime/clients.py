@@ -8,10 +8,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from falaj_platform.runtime import tls
 from falaj_platform.runtime.settings import PkiPaths
 
+# grpc's default reconnect backoff grows to 120 s: after a service restarts, its callers
+# (the gateway above all) would answer UNAVAILABLE for tens of seconds. Services on the
+# platform's network come back in seconds, so retry connecting at most every 2 s.
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+
 
 def secure_channel(addr: str, pki: PkiPaths) -> grpc.Channel:
     """An mTLS channel to `addr` presenting the identity in `pki`; servers are verified as localhost."""
-    return grpc.secure_channel(addr, tls.channel_credentials(pki), options=[("grpc.ssl_target_name_override", "localhost")])
+    options = [("grpc.ssl_target_name_override", "localhost"), *RECONNECT_OPTIONS]
+    return grpc.secure_channel(addr, tls.channel_credentials(pki), options=options)
 
 
 def health_status(addr: str, pki: PkiPaths, timeout: float = 2.0, service: str = "") -> str:
