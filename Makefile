@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 SDK_TS := sdk-ts/node_modules/.bin/protoc-gen-es
 
-.PHONY: setup demo test lint proto bench clean
+.PHONY: setup demo test test-postgres lint proto bench clean
 
 $(STAMP): requirements.lock pyproject.toml sdk/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: setup
 
 test: setup $(BUF) $(SDK_TS)
 	$(PY) -m pytest
+
+# The suite again with every component's store on PostgreSQL and features' online store on
+# Redis (tests/backends.py): needs FALAJ_TEST_POSTGRES_URL and FALAJ_TEST_REDIS_URL.
+test-postgres: setup $(BUF) $(SDK_TS)
+	FALAJ_TEST_BACKEND=postgres $(PY) -m pytest
 
 lint: setup $(BUF) $(SDK_TS)
 	$(VENV)/bin/ruff check src sdk/src/falaj/sdk tests scripts

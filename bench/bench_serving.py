@@ -11,9 +11,13 @@ driven by the same load generator: stock tritonclient clients in separate proces
 - KServe 0.21: its Python ModelServer with a small custom `kserve.Model` running the same
   ONNX file in onnxruntime (plaintext gRPC, its default), in its own virtual environment
   (`.bench/venvs/kserve`, created on first use).
+- The floor: a bare grpc-python server of the same OIP service over the same mTLS, in a
+  process of its own, that answers ModelInfer with the first elements of its input (no
+  model, no routing, no interceptors): what gRPC, TLS and protobuf alone cost a call.
 
-Figures: batch-1 p50/p99 of sequential calls, and inferences/s at 8 and 32 concurrent
-clients (bounded in count and time). Goal: Falaj >= 2x KServe at 32 clients.
+Figures: batch-1 p50/p99 of sequential calls (all three, and Falaj through the gateway),
+and inferences/s at 8 and 32 concurrent clients (bounded in count and time). Goal: Falaj
+>= 2x KServe at 32 clients.
 
 Run: .venv/bin/python bench/bench_serving.py [--seconds 8] [--calls 2000] [--json out.json]
 """
@@ -148,6 +152,45 @@ ModelServer(grpc_port=grpc_port, http_port=http_port, workers=1, enable_latency_
 """
 
 
+# The floor: grpc-python and the OIP messages, nothing else (run with this interpreter).
+ECHO_SERVER = r"""
+import sys
+from concurrent import futures
+import grpc
+from falaj.inference import open_inference_grpc_pb2 as oip
+from falaj.inference import open_inference_grpc_pb2_grpc as oip_grpc
+
+ca, cert, key, port, workers = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+
+class Echo(oip_grpc.GRPCInferenceServiceServicer):
+    def ServerLive(self, request, context):
+        return oip.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return oip.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request, context):
+        return oip.ModelReadyResponse(ready=True)
+
+    def ModelInfer(self, request, context):
+        response = oip.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
+        response.outputs.add(name="output", datatype="FP32", shape=[1, 2])
+        response.raw_output_contents.append(request.raw_input_contents[0][:8])
+        return response
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+oip_grpc.add_GRPCInferenceServiceServicer_to_server(Echo(), server)
+credentials = grpc.ssl_server_credentials([(read(key), read(cert))], root_certificates=read(ca), require_client_auth=True)
+server.add_secure_port(f"127.0.0.1:{port}", credentials)
+server.start()
+server.wait_for_termination()
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -278,6 +321,24 @@ def start_kserve(model_path: Path) -> tuple[subprocess.Popen[str], dict[str, Any
     return process, {"url": f"127.0.0.1:{grpc_port}", "model": "mlp"}
 
 
+def start_echo(tmp: Path, worker_threads: int) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """The bare grpc-python mTLS echo, with the serving service's certificate from Falaj's PKI (made by start_falaj)."""
+    from falaj_platform.pki import PKI
+    from tests.conftest import identity
+
+    pki = PKI(tmp / "pki")
+    server, client = identity(pki, "service", "serving"), identity(pki, "service", "gateway")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER, str(server.ca_cert), str(server.cert), str(server.key), str(port), str(worker_threads)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    tls = {"ca": str(client.ca_cert), "cert": str(client.cert), "key": str(client.key)}
+    return process, {"url": f"127.0.0.1:{port}", "model": "mlp", "tls": tls}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000, help="sequential calls per server")
@@ -318,6 +379,14 @@ def main() -> None:
             falaj["gateway_p50_ms"], falaj["gateway_p99_ms"] = _percentiles(gateway["samples"])
         finally:
             stop()
+        echo, echo_target = start_echo(tmp, options.worker_threads)
+        try:
+            print("[bench] bare grpc-python mTLS echo ...", file=sys.stderr, flush=True)
+            floor = _loadgen(sys.executable, {**echo_target, "mode": "sequential", "calls": options.calls}, timeout=300)
+            falaj["echo_p50_ms"], falaj["echo_p99_ms"] = _percentiles(floor["samples"])
+        finally:
+            echo.terminate()
+            echo.wait(timeout=30)
 
     rows = [
         row(
@@ -344,6 +413,14 @@ def main() -> None:
             "shown (no goal)",
             None,
         ),
+        row(
+            "OIP ModelInfer batch 1, sequential p50/p99 straight to serving, against a bare grpc-python mTLS echo (floor)",
+            f"{falaj['p50_ms']:.3f} / {falaj['p99_ms']:.3f} ms",
+            f"{falaj['echo_p50_ms']:.3f} / {falaj['echo_p99_ms']:.3f} ms (bare grpc-python echo, no model)",
+            round(falaj["echo_p50_ms"] / falaj["p50_ms"], 2),
+            "floor (no goal)",
+            None,
+        ),
     ]
     for clients in levels:
         ratio = falaj[f"rps_{clients}"] / peer[f"rps_{clients}"]
@@ -360,7 +437,7 @@ def main() -> None:
         )
     for item in rows:
         print(
-            f"{item['benchmark']}: Falaj {item['falaj']} | KServe {item['peer']} | ratio {item['ratio']} | goal {item['goal']}"
+            f"{item['benchmark']}: Falaj {item['falaj']} | peer {item['peer']} | ratio {item['ratio']} | goal {item['goal']}"
             + (f" | met {item['met']}" if item["met"] is not None else "")
         )
     write_rows(options.json, rows)

@@ -7,7 +7,7 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +23,60 @@ from falaj_platform.runtime.server import RunningServer
 from falaj_platform.runtime.service import start_service
 from falaj_platform.runtime.settings import PkiPaths, Settings, load_settings
 from falaj_platform.stack import MODULES
+from tests import backends
+from tests.backends import backend_env
 
 REQUIRE_SERVICES = os.environ.get("FALAJ_REQUIRE_SERVICES") == "1"
 POSTGRES_URL = os.environ.get("FALAJ_TEST_POSTGRES_URL", "")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if backends.BACKEND not in backends.BACKENDS:
+        raise pytest.UsageError(f"FALAJ_TEST_BACKEND={backends.BACKEND!r}; expected one of {', '.join(backends.BACKENDS)}")
+
+
+# Fixtures that run their tests on each backend in turn; on the PostgreSQL pass only their
+# `postgresql` case runs (the SQLite pass runs both), and no test marked `sqlite_only`.
+BACKEND_PARAMETRIZED = ("database_url", "training_on_each_backend")
+
+
+def _runs_on_sqlite_only(item: pytest.Item) -> bool:
+    spec = getattr(item, "callspec", None)
+    parametrized = spec is not None and "sqlite" in (spec.params.get(f) for f in BACKEND_PARAMETRIZED)
+    return parametrized or item.get_closest_marker("sqlite_only") is not None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not backends.on_postgres():
+        return
+    sqlite = {id(item) for item in items if _runs_on_sqlite_only(item)}
+    if sqlite:
+        config.hook.pytest_deselected(items=[item for item in items if id(item) in sqlite])
+        items[:] = [item for item in items if id(item) not in sqlite]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if backends.on_postgres():
+        backends.STATE.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    backends.STATE.finish()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[object], request: pytest.FixtureRequest) -> Generator[None, object, object]:
+    """Tells `backend_env` which fixture (and so which scope) names a home: its stores live as long."""
+    with backends.STATE.fixture_setup(request):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    try:
+        return (yield)
+    finally:
+        backends.STATE.release_item()
 
 
 def missing_service(reason: str) -> None:
@@ -71,10 +122,12 @@ def identity(pki: PKI, kind: str, name: str) -> PkiPaths:
 
 @pytest.fixture
 def settings_for(pki: PKI, tmp_path: Path) -> Iterator[Callable[..., Settings]]:
-    """Build Settings for a component with its data under tmp_path and the shared PKI."""
+    """Build Settings for a component with its data under tmp_path and the shared PKI (its stores
+    on the test backend: SQLite files there, or PostgreSQL databases and Redis, see tests/backends.py)."""
 
     def build(component: str, **env: str) -> Settings:
-        base = {"FALAJ_HOME": str(tmp_path / "home"), "FALAJ_PKI_DIR": str(pki.root), "FALAJ_LOG_LEVEL": "warning"}
+        home = tmp_path / "home"
+        base = {**backend_env(home), "FALAJ_HOME": str(home), "FALAJ_PKI_DIR": str(pki.root), "FALAJ_LOG_LEVEL": "warning"}
         return load_settings(component, env={**base, **env})
 
     yield build
@@ -89,7 +142,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if not POSTGRES_URL:
         missing_service("FALAJ_TEST_POSTGRES_URL is not set")
     admin_url = sa.engine.make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
-    name = f"falaj_test_{uuid.uuid4().hex[:12]}"
+    name = f"{backends.RUN}_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:

@@ -22,6 +22,7 @@ from falaj.sdk import Unimplemented
 from falaj_platform.demo import data as demo_data
 from falaj_platform.demo.progress import FAILED, OK, SKIPPED, Progress, ServiceMissing, StepFailed
 from falaj_platform.runtime.settings import COMPONENTS
+from tests.backends import backend_env
 from tests.conftest import free_port
 
 SUMMARY_LINES = [
@@ -44,6 +45,7 @@ SUMMARY_LINES = [
 
 def _demo_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALAJ_")}
+    env.update(backend_env(home))
     env["FALAJ_HOME"] = str(home)
     env["FALAJ_LOG_LEVEL"] = "info"
     env["FALAJ_RELOAD_SECONDS"] = "0.5"

@@ -171,3 +171,28 @@ def test_session_scope_translates_conflicts_and_rolls_back(database_url: str, se
         assert names == ["sales"]  # the failed transaction left nothing half-written
     finally:
         database.dispose()
+
+
+def test_a_value_the_database_cannot_hold_is_invalid_argument_not_internal(database_url: str, settings_for: Callable[..., Any]) -> None:
+    """PostgreSQL refuses a NUL character in text and a negative LIMIT (SQLite takes both): the
+    caller sent the value, so the answer is INVALID_ARGUMENT, and nothing is half-written."""
+    from falaj_platform.runtime.errors import InvalidArgument
+
+    database = open_database(spec_of("ingest"), settings_for("ingest", FALAJ_INGEST_DATABASE_URL=database_url))
+    datasets = store_metadata("ingest").tables["datasets"]
+    try:
+        lookup = sa.select(datasets.c.name).where(datasets.c.name == "sales\x00; drop")
+        limited = sa.select(datasets.c.name).limit(-1)
+        if database.engine.dialect.name == "postgresql":
+            for query in (lookup, limited):
+                with pytest.raises(InvalidArgument) as raised:
+                    with database.session_scope() as session:
+                        session.execute(query).all()
+                assert raised.value.reason == "INVALID_VALUE"
+        else:
+            with database.session_scope() as session:
+                assert session.execute(lookup).all() == []
+        with database.session_scope() as session:  # the session was rolled back and the pool is healthy
+            assert session.execute(sa.select(sa.func.count()).select_from(datasets)).scalar_one() == 0
+    finally:
+        database.dispose()

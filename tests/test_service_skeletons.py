@@ -24,6 +24,7 @@ from falaj_platform.runtime.db import Database
 from falaj_platform.runtime.metrics import ServerMetrics
 from falaj_platform.runtime.service import ServiceRuntime, ServiceSpec, open_database
 from falaj_platform.runtime.settings import Settings, load_settings
+from tests.backends import backend_env
 
 SERVICES = ("features", "training", "serving", "experiments", "monitoring")
 
@@ -56,7 +57,7 @@ def load(name: str) -> Service:
 
 
 def settings_for(name: str, tmp_path: Path) -> Settings:
-    return load_settings(name, env={"FALAJ_HOME": str(tmp_path)})
+    return load_settings(name, env={**backend_env(tmp_path), "FALAJ_HOME": str(tmp_path)})
 
 
 @pytest.fixture(params=SERVICES)

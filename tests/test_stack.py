@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from falaj.sdk import PermissionDenied, Unimplemented, connect
 from falaj_platform.runtime.clients import secure_channel
 from falaj_platform.runtime.settings import COMPONENTS, SERVICES, PkiPaths
+from tests.backends import backend_env
 from tests.conftest import free_port
 
 FALAJ = [sys.executable, "-m", "falaj_platform.cli"]
@@ -30,6 +31,7 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     """A running local stack on free ports in a fresh FALAJ_HOME; stopped afterwards."""
     home = tmp_path_factory.mktemp("stack") / ".falaj"  # the README's default name
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALAJ_")}
+    env.update(backend_env(home))
     env["FALAJ_HOME"] = str(home)
     env["FALAJ_LOG_LEVEL"] = "info"
     env["FALAJ_RELOAD_SECONDS"] = "0.2"
@@ -144,6 +146,7 @@ def test_port_in_use_is_one_clear_line(stack_env: dict[str, str]) -> None:
 
 def test_missing_certificate_is_one_clear_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALAJ_")}
+    env.update(backend_env(tmp_path))
     env["FALAJ_HOME"] = str(tmp_path)
     env["FALAJ_EXPERIMENTS_ADDR"] = f"127.0.0.1:{free_port()}"
     result = subprocess.run([*FALAJ, "serve", "experiments"], env=env, capture_output=True, text=True, timeout=60)
@@ -173,6 +176,7 @@ def _free(addr: str) -> bool:
 
 def test_stack_down_then_up_again(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALAJ_")}
+    env.update(backend_env(tmp_path))
     env["FALAJ_HOME"] = str(tmp_path)
     for name in COMPONENTS:
         key = "FALAJ_GATEWAY_ADDR" if name == "gateway" else f"FALAJ_{name.upper()}_ADDR"

@@ -91,11 +91,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     import importlib
 
-    from falaj_platform.runtime.db import Database
+    from falaj_platform.runtime.db import Database, create_database_if_missing
     from falaj_platform.runtime.settings import load_settings
     from falaj_platform.stack import MODULES
 
     settings = load_settings(args.component)
+    if settings.database_admin_url is not None:
+        create_database_if_missing(settings.database_url, settings.database_admin_url)
     spec = importlib.import_module(MODULES[args.component] + ".server").SPEC
     database = Database(settings.database_url, spec.migrations_dir, version_table=f"falaj_{args.component}_schema_version")
     database.upgrade()

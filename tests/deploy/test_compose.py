@@ -227,6 +227,16 @@ def test_component_settings_from_the_container_environment(component: str, servi
     assert set(service["expose"]) >= {str(DEFAULT_METRICS_PORTS[component])}
 
 
+def test_features_keeps_its_online_store_in_the_compose_redis(services: dict[str, dict[str, Any]]) -> None:
+    from falaj_platform.services.features.config import load_features_config
+
+    env = _environment(services["features"])
+    config = load_features_config(load_settings("features", env=env), env=env)
+    assert config.uses_redis and config.redis_connection_string() == "redis:6379,db=0"
+    assert config.feast_project == "falaj"
+    assert services["features"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+
+
 def test_pki_job_writes_where_the_components_read(services: dict[str, dict[str, Any]]) -> None:
     job = services["pki"]
     assert _mounts(job)[PKI_MOUNT] == ("pki", False)

@@ -33,6 +33,7 @@ from falaj_platform.runtime.settings import load_settings
 from falaj_platform.services.features.config import FeaturesConfig
 from falaj_platform.services.features.server import FeaturesService, build_spec
 from falaj_platform.services.features.sources import InMemoryDatasetSource
+from tests.backends import backend_env
 from tests.conftest import caller, identity, missing_service
 
 REDIS_URL = os.environ.get("FALAJ_TEST_REDIS_URL", "")
@@ -101,7 +102,8 @@ def start_features(pki: PKI, home: Path, *, configure: Callable[[FeaturesConfig]
     spec = build_spec(
         source=lambda _: source, audit=lambda _: audit, configure=configure, schedule_poll_seconds=3600, on_service=holder.append
     )
-    settings = load_settings("features", env={"FALAJ_HOME": str(home), "FALAJ_PKI_DIR": str(pki.root), "FALAJ_LOG_LEVEL": "warning", **env})
+    base = {**backend_env(home), "FALAJ_HOME": str(home), "FALAJ_PKI_DIR": str(pki.root), "FALAJ_LOG_LEVEL": "warning"}
+    settings = load_settings("features", env={**base, **env})
     running, database = start_service(spec, settings, listen_addr="127.0.0.1:0")
     channel = secure_channel(f"127.0.0.1:{running.port}", identity(pki, "service", "gateway"))
     return Features(running, database, channel, source, audit, holder[0])

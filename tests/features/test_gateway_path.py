@@ -42,6 +42,7 @@ from falaj_platform.runtime.service import start_service
 from falaj_platform.runtime.settings import load_settings
 from falaj_platform.services.features.server import build_spec
 from falaj_platform.services.features.sources import ErasedKeys, ErasureInfo, InMemoryDatasetSource
+from tests.backends import backend_env
 from tests.conftest import free_port, identity
 from tests.features.conftest import NOW, TRANSACTION_COLUMNS, transactions, unique
 
@@ -121,8 +122,10 @@ def platform(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pla
     for name, role in (("fx-root", "admin"), ("fx-dora", "data-engineer")):
         pki.issue_client(name, role=role)
     gateway_addr = f"127.0.0.1:{free_port()}"
+    home = tmp_path_factory.mktemp("path")
     env = {
-        "FALAJ_HOME": str(tmp_path_factory.mktemp("path")),
+        **backend_env(home),
+        "FALAJ_HOME": str(home),
         "FALAJ_PKI_DIR": str(pki.root),
         "FALAJ_LOG_LEVEL": "warning",
         "FALAJ_RELOAD_SECONDS": "0.2",

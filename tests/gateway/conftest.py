@@ -22,6 +22,7 @@ from falaj_platform.runtime.server import RunningServer
 from falaj_platform.runtime.service import start_service
 from falaj_platform.runtime.settings import SERVICES, Settings, load_settings
 from falaj_platform.stack import MODULES
+from tests.backends import backend_env
 from tests.conftest import identity
 
 # Client identities and the role each was issued with (`falaj pki issue NAME --role ROLE`).
@@ -63,7 +64,13 @@ def start_platform(home: Path, pki: PKI, **gateway_env: str) -> Platform:
     for name, role in CLIENTS.items():
         if not (pki.client_dir(name) / "cert.pem").exists():
             pki.issue_client(name, role=role)
-    env = {"FALAJ_HOME": str(home), "FALAJ_PKI_DIR": str(pki.root), "FALAJ_LOG_LEVEL": "warning", "FALAJ_RELOAD_SECONDS": "0.2"}
+    env = {
+        **backend_env(home),
+        "FALAJ_HOME": str(home),
+        "FALAJ_PKI_DIR": str(pki.root),
+        "FALAJ_LOG_LEVEL": "warning",
+        "FALAJ_RELOAD_SECONDS": "0.2",
+    }
     services = {}
     for name in SERVICES:
         spec = importlib.import_module(MODULES[name] + ".server").SPEC

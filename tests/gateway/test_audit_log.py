@@ -16,6 +16,7 @@ from falaj.gateway.v1 import message_pb2 as gm
 from falaj.gateway.v1 import request_response_pb2 as gr
 from falaj.gateway.v1 import service_pb2_grpc as gs
 from falaj_platform.gateway.store import audit_head, audit_records
+from tests.backends import backend_env
 from tests.conftest import free_port
 from tests.gateway.conftest import Platform, call
 
@@ -124,6 +125,7 @@ def test_audit_query_cli_filters_by_identity_and_decision(platform: Platform) ->
 
 def _stack_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALAJ_")}
+    env.update(backend_env(home))
     env["FALAJ_HOME"] = str(home)
     for name in ("ingest", "features", "training", "serving", "experiments", "monitoring"):
         env[f"FALAJ_{name.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"

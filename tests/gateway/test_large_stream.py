@@ -17,6 +17,7 @@ from falaj_platform.runtime.clients import secure_channel
 from falaj_platform.runtime.identity import GATEWAY_SPIFFE_ID
 from falaj_platform.runtime.server import create_server
 from falaj_platform.runtime.settings import PkiPaths, load_settings
+from tests.backends import backend_env
 from tests.conftest import free_port
 
 SINK = "/falaj.ingest.v1.ProbeService/Sink"
@@ -45,7 +46,7 @@ def test_one_gib_client_stream_passes_with_bounded_gateway_memory(tmp_path: Path
     pki = PKI(tmp_path / "pki")
     pki.init()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALAJ_")}
-    env |= {"FALAJ_HOME": str(tmp_path), "FALAJ_LOG_LEVEL": "warning"}
+    env |= {**backend_env(tmp_path), "FALAJ_HOME": str(tmp_path), "FALAJ_LOG_LEVEL": "warning"}
     upstream = create_server(
         load_settings("ingest", env=env),
         lambda s: [],

@@ -18,6 +18,7 @@ from falaj.ingest.v1 import request_response_pb2 as rr
 from falaj.ingest.v1 import service_pb2_grpc
 from falaj_platform.pki import PKI
 from falaj_platform.runtime.clients import health_status, secure_channel
+from tests.backends import backend_env
 from tests.conftest import free_port, identity
 from tests.ingest.conftest import ALICE, IngestUnderTest, ingest_tables, payments, payments_schema, read_version, stream, versions_of
 
@@ -31,6 +32,7 @@ def test_a_kill_between_writing_files_and_committing_leaves_no_version_and_a_res
     marker = tmp_path / "files-written"
     env = {
         **os.environ,
+        **backend_env(tmp_path / "home"),
         "FALAJ_HOME": str(tmp_path / "home"),
         "FALAJ_PKI_DIR": str(pki.root),
         "FALAJ_INGEST_ADDR": f"127.0.0.1:{port}",

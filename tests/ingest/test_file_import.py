@@ -69,7 +69,11 @@ def test_csv_rows_are_parsed_into_declared_types_and_bad_lines_quarantined_with_
     assert read_version(ingest, again.ingestion.dataset_version).column("payment_id").to_pylist() == [1, 3, 4]
 
 
-def test_gzipped_csv_with_options_and_a_parquet_glob_through_fsspec_urls(ingest: IngestUnderTest, tmp_path: Path) -> None:
+def test_gzipped_csv_with_options_and_a_parquet_glob_through_fsspec_urls(
+    start_ingest: Callable[..., IngestUnderTest], tmp_path: Path
+) -> None:
+    # Remote (non-local) URLs are read only under a prefix the operator allowed.
+    ingest = start_ingest(config=IngestConfig(worker_poll_seconds=0.2, allowed_url_prefixes=("memory://falaj-tests/",)))
     dataset = create_dataset(ingest, "payments").name
     semicolons = "skip this banner\nid;cust;amount;channel;email;paid_at\n7;c-7;70;pos;x@y.ae;01/03/2025 08:00\n"
     (tmp_path / "export.csv.gz").write_bytes(gzip.compress(semicolons.encode()))
@@ -98,7 +102,8 @@ def test_gzipped_csv_with_options_and_a_parquet_glob_through_fsspec_urls(ingest:
     assert read_version(ingest, from_memory.dataset_version).num_rows == 8
 
 
-def test_unreadable_or_missing_files_fail_clearly_and_commit_nothing(ingest: IngestUnderTest, tmp_path: Path) -> None:
+def test_unreadable_or_missing_files_fail_clearly_and_commit_nothing(start_ingest: Callable[..., IngestUnderTest], tmp_path: Path) -> None:
+    ingest = start_ingest(config=IngestConfig(worker_poll_seconds=0.2, allowed_url_prefixes=("nosuchscheme://bucket/",)))
     dataset = create_dataset(ingest, "payments").name
     not_csv = tmp_path / "photo.csv"
     not_csv.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40)

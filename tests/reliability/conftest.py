@@ -29,6 +29,7 @@ from falaj_platform.runtime.clients import health_status, secure_channel
 from falaj_platform.runtime.service import start_service
 from falaj_platform.runtime.settings import COMPONENTS, SERVICES, PkiPaths, load_settings
 from falaj_platform.stack import MODULES
+from tests.backends import backend_env
 from tests.conftest import free_port, identity
 from tests.gateway.conftest import CLIENTS, Platform
 
@@ -41,6 +42,7 @@ def start_falaj(home: Path, pki: PKI, *, service_env: dict[str, str] | None = No
         if not (pki.client_dir(name) / "cert.pem").exists():
             pki.issue_client(name, role=role)
     env = {
+        **backend_env(home),
         "FALAJ_HOME": str(home),
         "FALAJ_PKI_DIR": str(pki.root),
         "FALAJ_LOG_LEVEL": "warning",
@@ -155,6 +157,7 @@ class LocalStack:
 
 def stack_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FALAJ_")}
+    env.update(backend_env(home))
     env["FALAJ_HOME"] = str(home)
     env["FALAJ_LOG_LEVEL"] = "info"
     env["FALAJ_RELOAD_SECONDS"] = "0.5"

@@ -24,6 +24,7 @@ from falaj.common.v1 import common_pb2 as common
 from falaj.features.v1 import message_pb2 as fm
 from falaj.features.v1 import request_response_pb2 as fr
 from falaj.features.v1 import service_pb2_grpc as fs
+from falaj.inference import open_inference_grpc_pb2 as oip
 from falaj.ingest.v1 import message_pb2 as im
 from falaj.ingest.v1 import request_response_pb2 as ir
 from falaj.ingest.v1 import service_pb2_grpc as isvc
@@ -150,6 +151,27 @@ def online_request(name: str, customer_ids: list[int]) -> fr.GetOnlineFeaturesRe
     )
 
 
+def online_values(channel: grpc.Channel, name: str, customer_ids: list[int]) -> dict[int, tuple[float, ...] | None]:
+    """Each customer's online feature values of view `name` through the gateway; None where none is stored."""
+    response = fs.FeaturesServiceStub(channel).GetOnlineFeatures(online_request(name, customer_ids), timeout=30)
+    found: dict[int, tuple[float, ...] | None] = {}
+    for row, customer in enumerate(customer_ids):
+        statuses = {column.statuses[row] for column in response.columns}
+        if statuses == {fm.FIELD_STATUS_NOT_FOUND}:
+            found[customer] = None
+        else:
+            assert statuses == {fm.FIELD_STATUS_PRESENT}, f"customer {customer}: feature statuses {statuses}"
+            found[customer] = tuple(column.values[row].double_value for column in response.columns)
+    return found
+
+
+def expected_values(table: pa.Table, customer_ids: list[int]) -> dict[int, tuple[float, ...] | None]:
+    """What online_values should answer once `table` (one row per customer) is materialized."""
+    rows = {customer: index for index, customer in enumerate(table.column("customer_id").to_pylist())}
+    columns = [table.column(feature).to_pylist() for feature in FEATURES]
+    return {c: tuple(column[rows[c]] for column in columns) if c in rows else None for c in customer_ids}
+
+
 # -- training ------------------------------------------------------------------------------------
 
 
@@ -187,6 +209,28 @@ def doubling_model(path: Path, width: int = len(FEATURES)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def import_model_version(channel: grpc.Channel, model: str, path: Path) -> str:
+    """Import an ONNX file as a new version of `models/{model}` (regression); the version's name."""
+    content = path.read_bytes()
+    header = tr.ImportModelVersionHeader(
+        registered_model=f"models/{model}",
+        residency=common.Residency(region="ae-dxb"),
+        task=tm.TASK_TYPE_REGRESSION,
+        expected_sha256=hashlib.sha256(content).hexdigest(),
+        import_source="tests/reliability",
+    )
+    messages = [tr.ImportModelVersionRequest(header=header), tr.ImportModelVersionRequest(chunk=content)]
+    return str(ts.TrainingServiceStub(channel).ImportModelVersion(iter(messages), timeout=120).model_version.name)
+
+
+def infer_request(model: str, x: np.ndarray) -> oip.ModelInferRequest:
+    """An Open Inference Protocol request for deployment `model` with FP32 input `input`."""
+    request = oip.ModelInferRequest(model_name=model)
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    return request
 
 
 def import_and_deploy(channel: grpc.Channel, model: str, path: Path) -> None:

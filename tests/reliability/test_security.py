@@ -288,21 +288,7 @@ REPLAYS = {
 }
 
 
-@pytest.mark.parametrize(
-    "write",
-    [
-        pytest.param(
-            write,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="gateway api.py CreatePolicy ignores request_id: a reused id with another policy line creates that line",
-            ),
-        )
-        if write.startswith("gateway")
-        else write
-        for write in sorted(REPLAYS)
-    ],
-)
+@pytest.mark.parametrize("write", sorted(REPLAYS))
 def test_a_request_id_replayed_with_another_body_is_refused_and_changes_nothing(falaj_platform: Platform, write: str) -> None:
     code, unchanged = REPLAYS[write](falaj_platform)
     assert code is grpc.StatusCode.FAILED_PRECONDITION
@@ -409,3 +395,26 @@ def test_a_replacing_policy_import_keeps_the_built_in_roles(tmp_path: object) ->
         assert _call(platform.channel("root"), "/falaj.gateway.v1.GatewayAdminService/ListPolicies", "after-replace") is grpc.StatusCode.OK
     finally:
         stop_platform(platform)
+
+
+@pytest.mark.sqlite_only  # reads the gateway's SQLite file; PostgreSQL: tests/ingest/test_source_access.py
+def test_a_data_engineer_cannot_import_the_platforms_own_databases(falaj_platform: Platform) -> None:
+    stub = isvc.IngestServiceStub(falaj_platform.channel("dora"))
+    lines = im.Schema(columns=[im.Column(name="line", type=im.COLUMN_TYPE_STRING, nullable=True)])
+    dataset = im.Dataset(schema=lines, residency=common.Residency(region="ae-dxb"))
+    stub.CreateDataset(ir.CreateDatasetRequest(dataset_id="sql_loot", dataset=dataset), timeout=30)
+    gateway_db = falaj_platform.home / "gateway" / "gateway.db"
+    assert gateway_db.exists()
+    spec = im.SqlImportSpec(
+        sqlalchemy_url=f"sqlite:///{gateway_db}", query="select v0 || ' ' || v2 as line from policy_rules", mode=im.SQL_IMPORT_MODE_FULL
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        imported = stub.ImportSql(ir.ImportSqlRequest(dataset="datasets/sql_loot", sql=spec), timeout=60).ingestion
+        pytest.fail(f"{imported.report.rows_accepted} rows of the gateway's policy store imported")
+    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED, refused.value.details()  # type: ignore[attr-defined]
+    # The refusal is on record as a denial, reported by ingest with the caller and the dataset.
+    events = _audit_records(falaj_platform, kind=gm.AUDIT_RECORD_KIND_SECURITY_EVENT)
+    denials = [r for r in events if r.resource == "datasets/sql_loot" and r.action == "import_sql"]
+    assert [(r.decision, r.caller, r.attributes["refusal_reason"]) for r in denials] == [
+        (gm.DECISION_DENY, client_id("dora"), "PROTECTED_PATH")
+    ]

@@ -165,12 +165,18 @@ FAST = {
 def start_serving(pki: PKI, settings_for: Callable[..., Settings], tmp_path: Path) -> Iterator[Callable[..., Serving]]:
     started: list[tuple[Any, Any, grpc.Channel]] = []
 
-    def start(assigner: Any = None, features: Any = None, **tuning: Any) -> Serving:
+    def start(assigner: Any = None, features: Any = None, ingest: Any = None, **tuning: Any) -> Serving:
         settings = settings_for("serving")
         source = LocalModelSource(settings.region)
         logs, auditor, exposures = MemoryLogSink(), RecordingAuditor(), MemoryExposures()
         collaborators = Collaborators(
-            source=source, features=features, assigner=assigner, exposures=exposures, prediction_logs=logs, auditor=auditor
+            source=source,
+            features=features,
+            assigner=assigner,
+            exposures=exposures,
+            prediction_logs=logs,
+            auditor=auditor,
+            ingest=ingest,
         )
         holder: dict[str, ServingContext] = {}
 

@@ -30,6 +30,7 @@ from falaj_platform.pki import PKI
 from falaj_platform.runtime.service import start_service
 from falaj_platform.runtime.settings import SERVICES, load_settings
 from falaj_platform.stack import MODULES
+from tests.backends import backend_env
 from tests.conftest import free_port, identity
 from tests.gateway.conftest import CLIENTS, Platform, stop_platform
 from tests.serving.conftest import infer_request
@@ -44,6 +45,7 @@ def _start(home: Path, pki: PKI) -> Platform:
         if not (pki.client_dir(name) / "cert.pem").exists():
             pki.issue_client(name, role=role)
     env = {
+        **backend_env(home),
         "FALAJ_HOME": str(home),
         "FALAJ_PKI_DIR": str(pki.root),
         "FALAJ_LOG_LEVEL": "warning",

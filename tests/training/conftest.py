@@ -38,6 +38,7 @@ from falaj_platform.services.training.api import TrainingApi
 from falaj_platform.services.training.config import TrainingConfig
 from falaj_platform.services.training.data import ArrowFileDataSource
 from falaj_platform.services.training.server import build_spec
+from tests.backends import RUN, backend_env
 from tests.conftest import POSTGRES_URL, caller, identity, missing_service
 
 FINAL_STATES = (pb.TRAINING_JOB_STATE_SUCCEEDED, pb.TRAINING_JOB_STATE_FAILED, pb.TRAINING_JOB_STATE_CANCELLED)
@@ -117,7 +118,7 @@ def start_training_service(
         on_api=lambda api: holder.setdefault("api", api),
         cuda_devices=cuda_devices,
     )
-    env = {"FALAJ_HOME": str(root / "home"), "FALAJ_PKI_DIR": str(pki.root), "FALAJ_LOG_LEVEL": "warning"}
+    env = {**backend_env(root / "home"), "FALAJ_HOME": str(root / "home"), "FALAJ_PKI_DIR": str(pki.root), "FALAJ_LOG_LEVEL": "warning"}
     if database_url:
         env["FALAJ_TRAINING_DATABASE_URL"] = database_url
     settings = load_settings("training", env=env)
@@ -143,7 +144,7 @@ def fresh_database(backend: str, root: Path) -> Iterator[str]:
     if not POSTGRES_URL:
         missing_service("FALAJ_TEST_POSTGRES_URL is not set")
     admin_url = sa.engine.make_url(POSTGRES_URL).set(drivername="postgresql+psycopg")
-    name = f"falaj_training_{uuid.uuid4().hex[:12]}"
+    name = f"{RUN}_training_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as connection:

@@ -45,6 +45,7 @@ from falaj_platform.runtime.settings import load_settings
 from falaj_platform.services.training.api import TrainingApi
 from falaj_platform.services.training.config import TrainingConfig
 from falaj_platform.services.training.server import build_spec
+from tests.backends import backend_env
 from tests.conftest import free_port, identity
 from tests.training.conftest import FEATURES, FINAL_STATES, classification_table, job_spec
 
@@ -130,6 +131,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pki: PKI) -> Iterator[Stack]
             pki.issue_client(name, role=role)
     gateway_addr = f"127.0.0.1:{free_port()}"
     env = {
+        **backend_env(root / "home"),
         "FALAJ_HOME": str(root / "home"),
         "FALAJ_PKI_DIR": str(pki.root),
         "FALAJ_LOG_LEVEL": "warning",

@@ -31,6 +31,7 @@ from falaj_platform.gateway.store import AuditFilter, GatewayStore, StoredLine, 
 from falaj_platform.runtime.errors import AlreadyExists, InvalidArgument, NotFound, StartupError
 from falaj_platform.runtime.interceptors import current_caller, current_request_id
 from falaj_platform.runtime.settings import Settings
+from falaj_platform.runtime.validate import enum_name, timestamp_to_datetime
 
 T = TypeVar("T")
 RequestT = TypeVar("RequestT")
@@ -402,7 +403,7 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
         line = self._parse(", ".join(("g", b.member, b.role, b.domain or "*")))
         if any(s.line == line for s in self.store.lines()):
             raise AlreadyExists(f"roleBindings/{line_id(line)} already exists: {line.csv()}", reason="ROLE_BINDING_EXISTS")
-        expire = b.expire_time.ToDatetime(tzinfo=dt.UTC) if b.HasField("expire_time") else None
+        expire = timestamp_to_datetime(b.expire_time, "binding.expire_time") if b.HasField("expire_time") else None
         _, revision = self.store.add_lines([line], actor=current_caller(), description=b.description, expire_time=expire)
         self._policy_changed("bind", line.csv())
         return rr.CreateRoleBindingResponse(
@@ -438,7 +439,9 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
         serial = r.serial_number.lower().removeprefix("0x")
         if not serial or any(ch not in "0123456789abcdef" for ch in serial) or len(serial) > 64:
             raise InvalidArgument("serial_number must be the certificate serial in hex", reason="INVALID_SERIAL")
-        stored = self.store.revoke(serial.lstrip("0") or "0", r.subject, m.RevocationReason.Name(r.reason), r.note, current_caller())
+        stored = self.store.revoke(
+            serial.lstrip("0") or "0", r.subject, enum_name(m.RevocationReason, r.reason, "revocation.reason"), r.note, current_caller()
+        )
         self.reloader.reload_now()
         self.audit.append(self._event("CERTIFICATE_REVOKED", resource=f"revocations/{stored.serial}", action="revoke", detail=r.subject))
         return rr.CreateRevocationResponse(revocation=self._revocation(stored))
@@ -454,7 +457,7 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
     @staticmethod
     def _filter(f: m.AuditRecordFilter) -> AuditFilter:
         kind = {m.AUDIT_RECORD_KIND_CALL: "call", m.AUDIT_RECORD_KIND_SECURITY_EVENT: "event"}.get(f.kind, "")
-        event = m.SecurityEventType.Name(f.event_type).removeprefix("SECURITY_EVENT_TYPE_") if f.event_type else ""
+        event = enum_name(m.SecurityEventType, f.event_type, "filter.event_type", prefix="SECURITY_EVENT_TYPE_") if f.event_type else ""
         return AuditFilter(
             caller=f.caller,
             method=f.method,
@@ -463,8 +466,8 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
             request_id=f.request_id,
             kind=kind,
             event_type=event,
-            start_time=f.start_time.ToDatetime(tzinfo=dt.UTC) if f.HasField("start_time") else None,
-            end_time=f.end_time.ToDatetime(tzinfo=dt.UTC) if f.HasField("end_time") else None,
+            start_time=timestamp_to_datetime(f.start_time, "filter.start_time") if f.HasField("start_time") else None,
+            end_time=timestamp_to_datetime(f.end_time, "filter.end_time") if f.HasField("end_time") else None,
         )
 
     def QueryAuditRecords(self, request: rr.QueryAuditRecordsRequest, context: grpc.ServicerContext) -> rr.QueryAuditRecordsResponse:
@@ -482,6 +485,8 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
     def ExportAuditRecords(
         self, request: rr.ExportAuditRecordsRequest, context: grpc.ServicerContext
     ) -> Iterator[rr.ExportAuditRecordsResponse]:
+        if request.batch_rows < 0:
+            raise InvalidArgument("batch_rows must not be negative", reason="INVALID_BATCH_ROWS")
         rows = min(request.batch_rows or 10_000, 100_000)
         after = 0
         flt = self._filter(request.filter)
@@ -544,7 +549,7 @@ class GatewayAdminApi(service_pb2_grpc.GatewayAdminServiceServicer):
             raise InvalidArgument("event_type is required", reason="INVALID_EVENT")
         if not request.resource or not request.action:
             raise InvalidArgument("resource and action are required", reason="INVALID_EVENT")
-        event = m.SecurityEventType.Name(request.event_type).removeprefix("SECURITY_EVENT_TYPE_")
+        event = enum_name(m.SecurityEventType, request.event_type, "event_type", prefix="SECURITY_EVENT_TYPE_")
         report_id = request.report_id or (f"{request.request_id}:{event}:{request.resource}" if request.request_id else None)
         entry = self._event(event, resource=request.resource, action=request.action, detail=request.detail, caller=request.caller)
         entry.decision = _DECISION_NAME.get(request.decision, "allow")

@@ -318,6 +318,9 @@ def default_policy(admin_members: Iterable[str] = ()) -> list[PolicyLine]:
         ("service-training", "*", _service("features"), "read"),
         ("service-training", "*", _service("ingest"), "read"),
         ("service-serving", "*", _service("training"), "read"),
+        # batch prediction jobs read an ingest dataset version and write their output as a new one
+        ("service-serving", "*", _service("ingest"), "read"),
+        ("service-serving", "*", "/falaj.ingest.v1.IngestService/IngestBatches", "write"),
         ("service-serving", "*", "/falaj.features.v1.FeaturesService/GetOnlineFeatures", "read"),
         ("service-serving", "*", FEAST_ONLINE, "read"),
         ("service-serving", "*", "/falaj.monitoring.v1.MonitoringService/IngestPredictionLogs", "write"),

@@ -20,7 +20,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from falaj_platform.runtime.errors import AlreadyExists, StartupError, Unavailable
+from falaj_platform.runtime.errors import AlreadyExists, InvalidArgument, StartupError, Unavailable
 
 ENV_DIR = Path(__file__).parent / "migrations"
 
@@ -64,6 +64,37 @@ def create_engine(url: str, *, sqlite_synchronous: str = "full") -> Engine:
     return sa.create_engine(parsed, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+def create_database_if_missing(url: str, admin_url: str) -> bool:
+    """Create the PostgreSQL database `url` names, through `admin_url` (a maintenance database
+    of the same server), unless it exists; returns whether it was created.
+
+    Replicas booting at once may race: the loser's duplicate error is read as "exists".
+    """
+    name = sa.engine.make_url(url).database
+    if not name:
+        raise StartupError("the database URL names no database")
+    admin = create_engine(admin_url).execution_options(isolation_level="AUTOCOMMIT")
+    shown = admin.url.render_as_string(hide_password=True)
+    exists = sa.text("SELECT 1 FROM pg_database WHERE datname = :name")
+    try:
+        with admin.connect() as connection:
+            if connection.execute(exists, {"name": name}).first() is not None:
+                return False
+            try:
+                connection.execute(sa.text(f"CREATE DATABASE {admin.dialect.identifier_preparer.quote(name)}"))
+            except (exc.ProgrammingError, exc.IntegrityError) as error:
+                # duplicate_database, or the unique index of pg_database when two creations race.
+                if connection.execute(exists, {"name": name}).first() is None:
+                    raise StartupError(f"cannot create database {name!r} on {shown}: {str(error.orig).strip().splitlines()[0]}") from None
+                return False
+            return True
+    except exc.OperationalError as error:
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        raise StartupError(f"cannot reach the database server at {shown}: {reason}") from None
+    finally:
+        admin.dispose()
+
+
 class Database:
     """One service's database: engine, session scope and migrations."""
 
@@ -88,6 +119,13 @@ class Database:
         except exc.OperationalError as error:
             session.rollback()
             raise Unavailable("the database is unavailable; retry later", reason="DATABASE_UNAVAILABLE") from error
+        except exc.DataError as error:
+            # A value the database cannot hold or compare: on PostgreSQL a NUL character in
+            # text, a string longer than its column, a number out of range, a negative LIMIT
+            # (SQLite takes all of these as they come). The value came with the request.
+            session.rollback()
+            reason = str(error.orig).strip().splitlines()[0] if error.orig else "invalid value"
+            raise InvalidArgument(f"a value in the request cannot be stored or compared: {reason}", reason="INVALID_VALUE") from error
         except BaseException:
             session.rollback()
             raise

@@ -20,11 +20,15 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from falaj_platform.runtime.errors import FalajError, PermissionDenied, Unauthenticated, Unavailable
+from falaj_platform.runtime.errors import Aborted, FalajError, InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from falaj_platform.runtime.identity import CALLER_METADATA_KEY, peer_spiffe_id
 from falaj_platform.runtime.metrics import ServerMetrics
 
 REQUEST_ID_KEY = "x-request-id"
+MAX_CACHED_METHODS = 4096
+# What a handler sees when its client went away: a failed call of its own upstream (the
+# gateway's hop), or the future of that hop cancelled by the client's cancellation.
+_CALL_GONE = (grpc.RpcError, grpc.FutureCancelledError)
 
 # Health and reflection answer any certificate from the platform CA, so the stack and
 # operators can probe a service directly; everything else must come through the gateway.
@@ -114,6 +118,74 @@ class CallHooks(Protocol):
 _REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+class _Unparseable:
+    """What the runtime's deserializer hands grpc for bytes that are not the request message.
+
+    grpc-python would end such a call INTERNAL ("Exception deserializing request!") and,
+    in a client stream, end the request iterator as if the client had closed it, so that
+    a handler would commit the part before; the handler wrappers refuse it instead.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidArgument):
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, method: str) -> Callable[[bytes], Any] | None:
+    """`deserializer` that returns an `_Unparseable` for bytes it cannot parse instead of raising."""
+    if deserializer is None:  # raw bytes (the gateway's proxy): nothing to parse
+        return None
+    message_type = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    expected = f"a {message_type.full_name} message" if message_type is not None else f"the request message of {method}"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - DecodeError, recursion limit, ...: the client sent bad bytes
+            return _Unparseable(InvalidArgument(f"the request is not {expected}", reason="UNPARSEABLE_REQUEST"))
+
+    return deserialize
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, _Unparseable):
+        raise request.error
+    return request
+
+
+class _CheckedRequests:
+    """A client stream's request iterator that raises instead of ending quietly on a cut stream.
+
+    A message that does not parse raises InvalidArgument; an end of stream on a call that
+    is no longer active (cancelled, or failed by grpc) raises Aborted, so that no handler
+    takes the first part of a stream for all of it and commits it.
+    """
+
+    def __init__(self, requests: Iterator[Any], context: grpc.ServicerContext):
+        self._requests = requests
+        self._context = context
+        self.failure: FalajError | None = None
+
+    def __iter__(self) -> _CheckedRequests:
+        return self
+
+    def __next__(self) -> Any:
+        if self.failure is not None:
+            raise self.failure
+        try:
+            request = next(self._requests)
+        except StopIteration:
+            if not self._context.is_active():
+                self.failure = Aborted("the stream was cut before the client closed it; nothing was committed", reason="STREAM_CUT")
+                raise self.failure from None
+            raise
+        if isinstance(request, _Unparseable):
+            self.failure = request.error
+            raise self.failure
+        return request
+
+
 class RuntimeInterceptor(grpc.ServerInterceptor):
     """Request id, caller identity, structured log line, metrics, hooks and error mapping."""
 
@@ -127,6 +199,7 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
         self._in_flight = metrics.in_flight.labels(service)
         self._counts: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._latencies: dict[str, Any] = {}
+        self._handlers: dict[str, Any] = {}
 
     def _count(self, method: str, code: grpc.StatusCode) -> Any:
         child = self._counts.get((method, code))
@@ -141,25 +214,35 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
         return child
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
+        # grpc asks for every call; a method's wrapped handler is built once (servicers
+        # are registered before the server starts and never change afterwards).
+        wrapped = self._handlers.get(details.method)
+        if wrapped is None:
+            wrapped = self._wrap(continuation(details), details.method)
+            if wrapped is not None and len(self._handlers) < MAX_CACHED_METHODS:  # any name may reach a proxy
+                self._handlers[details.method] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: Any, method: str) -> Any:
         if handler is None:
             return None
-        method = details.method
         wrap = self._wrap_unary if not handler.response_streaming else self._wrap_stream
+        streaming = handler.request_streaming
+        deserializer = _tolerant(handler.request_deserializer, method)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                wrap(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer
+                wrap(handler.unary_unary, method, streaming), deserializer, handler.response_serializer
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                wrap(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer
+                wrap(handler.unary_stream, method, streaming), deserializer, handler.response_serializer
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                wrap(handler.stream_unary, method), handler.request_deserializer, handler.response_serializer
+                wrap(handler.stream_unary, method, streaming), deserializer, handler.response_serializer
             )
         return grpc.stream_stream_rpc_method_handler(
-            wrap(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer
+            wrap(handler.stream_stream, method, streaming), deserializer, handler.response_serializer
         )
 
     # -- per-call bookkeeping -------------------------------------------------------
@@ -204,7 +287,7 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
         aborted = context.code()
         if isinstance(aborted, grpc.StatusCode) and aborted is not grpc.StatusCode.OK:
             raise exc  # the servicer aborted on its own; keep its status
-        if isinstance(exc, GeneratorExit) or (isinstance(exc, grpc.RpcError) and not context.is_active()):
+        if isinstance(exc, GeneratorExit) or (isinstance(exc, _CALL_GONE) and not context.is_active()):
             raise exc  # the client went away mid-stream (cancelled, or its deadline passed)
         log.error("unhandled exception", exc_info=exc)
         context.abort_with_status(_with_request_id(_INTERNAL_STATUS))
@@ -217,10 +300,10 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
         aborted = context.code()
         if isinstance(aborted, grpc.StatusCode) and aborted is not grpc.StatusCode.OK:
             return aborted
-        gone = isinstance(exc, GeneratorExit) or (isinstance(exc, grpc.RpcError) and not context.is_active())
+        gone = isinstance(exc, GeneratorExit) or (isinstance(exc, _CALL_GONE) and not context.is_active())
         return grpc.StatusCode.CANCELLED if gone else grpc.StatusCode.INTERNAL
 
-    def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    def _wrap_unary(self, behavior: Callable[..., Any], method: str, request_streaming: bool) -> Callable[..., Any]:
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
@@ -229,7 +312,13 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
                 call = self._begin(method, context)
                 if self.hooks is not None:
                     self.hooks.authorize(call, context)
-                return behavior(request, context)
+                if not request_streaming:
+                    return behavior(_parsed(request), context)
+                requests = _CheckedRequests(request, context)
+                response = behavior(requests, context)
+                if requests.failure is not None:  # the handler caught it: its response must not reach the client
+                    raise requests.failure
+                return response
             except BaseException as exc:  # noqa: BLE001 - mapped to a status right here
                 code = self._code_of(exc, context)
                 self._fail(exc, context)
@@ -238,7 +327,7 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
 
         return handle
 
-    def _wrap_stream(self, behavior: Callable[..., Iterator[Any]], method: str) -> Callable[..., Iterator[Any]]:
+    def _wrap_stream(self, behavior: Callable[..., Iterator[Any]], method: str, request_streaming: bool) -> Callable[..., Iterator[Any]]:
         def handle(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
@@ -247,7 +336,13 @@ class RuntimeInterceptor(grpc.ServerInterceptor):
                 call = self._begin(method, context)
                 if self.hooks is not None:
                     self.hooks.authorize(call, context)
-                yield from behavior(request, context)
+                if not request_streaming:
+                    yield from behavior(_parsed(request), context)
+                else:
+                    requests = _CheckedRequests(request, context)
+                    yield from behavior(requests, context)
+                    if requests.failure is not None:
+                        raise requests.failure
             except BaseException as exc:  # noqa: BLE001 - mapped to a status right here
                 code = self._code_of(exc, context)
                 self._fail(exc, context)

@@ -28,6 +28,9 @@ from falaj_platform.runtime.settings import Settings
 Registrar = Callable[[grpc.Server], Iterable[str]]
 """Adds servicers to a server and returns the full names of the services it added."""
 
+STOP_SLACK_S = 5.0
+"""How long RunningServer.stop() waits past its grace for grpc to finish shutting down."""
+
 
 @dataclass
 class RunningServer:
@@ -41,9 +44,14 @@ class RunningServer:
     stop_callbacks: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING, let in-flight calls finish within `grace` seconds, then stop background work."""
+        """Report NOT_SERVING, let in-flight calls finish within `grace` seconds, then stop background work.
+
+        Returns within about `grace` + STOP_SLACK_S seconds even when a call never finishes
+        (a handler that ignores cancellation): it logs that and stops the background work anyway.
+        """
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        if not self.server.stop(grace).wait(grace + STOP_SLACK_S):
+            get_logger().warning("server did not stop in time; calls still running were abandoned", grace_s=grace, slack_s=STOP_SLACK_S)
         while self.stop_callbacks:
             self.stop_callbacks.pop()()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from falaj_platform.runtime.db import Database
+from falaj_platform.runtime.db import Database, create_database_if_missing
 from falaj_platform.runtime.errors import StartupError
 from falaj_platform.runtime.identity import GATEWAY_SPIFFE_ID
 from falaj_platform.runtime.logs import configure_logging
@@ -47,7 +47,10 @@ class ServiceSpec:
 
 
 def open_database(spec: ServiceSpec, settings: Settings) -> Database:
-    """The service's database, migrated (or checked) to the latest schema."""
+    """The service's database (created first when it lives on FALAJ_DATABASE_SERVER), migrated
+    (or checked) to the latest schema."""
+    if settings.database_admin_url is not None:
+        create_database_if_missing(settings.database_url, settings.database_admin_url)
     database = Database(
         settings.database_url,
         spec.migrations_dir,

@@ -7,9 +7,12 @@ surroundings is a field here.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import sqlalchemy as sa
 
 from falaj_platform.runtime.errors import StartupError
 
@@ -32,6 +35,10 @@ DEFAULT_PORTS = {
 DEFAULT_METRICS_PORTS = {name: 9461 + i for i, name in enumerate(COMPONENTS)}
 
 TRUST_DOMAIN = "falaj.local"
+
+DEFAULT_DATABASE_PREFIX = "falaj_"
+# A PostgreSQL name needs no quoting with these; the longest component name still fits its 63 bytes.
+_DATABASE_PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
 def _env_key(component: str, name: str) -> str:
@@ -69,6 +76,10 @@ class Settings:
     pki_dir: Path = Path("pki")
     reload_seconds: float = 2.0
     sqlite_synchronous: str = "full"
+    # Set where `database_url` was derived from FALAJ_DATABASE_SERVER: the server's
+    # maintenance database, through which a missing database is created at boot.
+    database_admin_url: str | None = None
+    database_prefix: str = DEFAULT_DATABASE_PREFIX
 
     @property
     def data_dir(self) -> Path:
@@ -110,6 +121,51 @@ def home_from(env: Mapping[str, str]) -> Path:
     return Path(env.get("FALAJ_HOME", "./.falaj")).resolve()
 
 
+def database_prefix_of(env: Mapping[str, str]) -> str:
+    """FALAJ_DATABASE_PREFIX: names this stack on shared servers (its databases, its Feast project)."""
+    prefix = env.get("FALAJ_DATABASE_PREFIX", "").strip() or DEFAULT_DATABASE_PREFIX
+    if not _DATABASE_PREFIX.match(prefix):
+        raise StartupError(
+            f"FALAJ_DATABASE_PREFIX={prefix!r}: expected lower-case letters, digits and '_', starting with a letter (40 at most)"
+        )
+    return prefix
+
+
+def _database_server(env: Mapping[str, str]) -> sa.engine.URL | None:
+    raw = env.get("FALAJ_DATABASE_SERVER", "").strip()
+    if not raw:
+        return None
+    try:
+        url = sa.engine.make_url(raw)
+    except sa.exc.ArgumentError:
+        raise StartupError("FALAJ_DATABASE_SERVER is not a valid URL") from None
+    if url.get_backend_name() != "postgresql":
+        raise StartupError(f"FALAJ_DATABASE_SERVER must be a postgresql:// URL, not {url.drivername}://")
+    return url
+
+
+def database_url_of(component: str, env: Mapping[str, str]) -> str:
+    """FALAJ_<COMPONENT>_DATABASE_URL; else the database `<prefix><component>` on
+    FALAJ_DATABASE_SERVER; else the component's SQLite file under FALAJ_HOME."""
+    explicit = env.get(_env_key(component, "DATABASE_URL"), "").strip()
+    if explicit:
+        return explicit
+    server = _database_server(env)
+    if server is None:
+        return f"sqlite:///{home_from(env) / component / (component + '.db')}"
+    return server.set(database=database_prefix_of(env) + component).render_as_string(hide_password=False)
+
+
+def database_admin_url_of(component: str, env: Mapping[str, str]) -> str | None:
+    """Where the component's database is created if missing: the maintenance database of
+    FALAJ_DATABASE_SERVER (its path, `postgres` by default), only when the component's URL
+    comes from that server. An explicit URL names a database that must already exist."""
+    server = _database_server(env)
+    if server is None or env.get(_env_key(component, "DATABASE_URL"), "").strip():
+        return None
+    return server.set(database=server.database or "postgres").render_as_string(hide_password=False)
+
+
 def load_settings(component: str, env: Mapping[str, str] | None = None) -> Settings:
     """Build the settings of `component` from the environment (os.environ by default)."""
     if component not in COMPONENTS:
@@ -118,7 +174,6 @@ def load_settings(component: str, env: Mapping[str, str] | None = None) -> Setti
     home = home_from(env)
     pki_dir = Path(env.get("FALAJ_PKI_DIR", str(home / "pki")))
     identity_dir = pki_dir / "services" / component
-    default_db = f"sqlite:///{home / component / (component + '.db')}"
     migrate = env.get("FALAJ_DB_MIGRATE", "auto")
     if migrate not in ("auto", "check"):
         raise StartupError(f"FALAJ_DB_MIGRATE={migrate!r}; expected 'auto' or 'check'")
@@ -129,7 +184,7 @@ def load_settings(component: str, env: Mapping[str, str] | None = None) -> Setti
         listen_addr=component_addr(env, component),
         metrics_addr=env.get(_env_key(component, "METRICS_ADDR"), f"127.0.0.1:{DEFAULT_METRICS_PORTS[component]}"),
         gateway_addr=component_addr(env, GATEWAY),
-        database_url=env.get(_env_key(component, "DATABASE_URL"), default_db),
+        database_url=database_url_of(component, env),
         region=env.get("FALAJ_REGION", "ae-dxb"),
         pki=PkiPaths(
             ca_cert=Path(env.get("FALAJ_CA_CERT", str(pki_dir / "ca.pem"))),
@@ -152,4 +207,6 @@ def load_settings(component: str, env: Mapping[str, str] | None = None) -> Setti
         # The gateway's audit log commits on every call's path: by default it survives a
         # killed process (SQLite WAL 'normal'); set 'full' to also survive power loss.
         sqlite_synchronous=env.get(_env_key(component, "SQLITE_SYNC"), "normal" if component == GATEWAY else "full").lower(),
+        database_admin_url=database_admin_url_of(component, env),
+        database_prefix=database_prefix_of(env),
     )

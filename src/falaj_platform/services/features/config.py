@@ -8,8 +8,10 @@ project name, the regions whose data policy lets it hold, and retrieval sizes.
 Environment variables (read here and nowhere else):
 - FALAJ_FEATURES_ONLINE_STORE: `sqlite` (default) or a Redis URL (`redis://host:port/db`,
   `rediss://` for TLS, password in the URL).
-- FALAJ_FEATURES_FEAST_PROJECT: Feast project name (default `falaj`); replicas sharing
-  one registry and online store use the same name.
+- FALAJ_FEATURES_FEAST_PROJECT: Feast project name; replicas sharing one registry and
+  online store use the same name. Feast's Redis keys carry it, so two stacks sharing one
+  Redis need different names: by default it is FALAJ_DATABASE_PREFIX without its
+  trailing `_` (`falaj` for the default prefix `falaj_`).
 - FALAJ_FEATURES_ALLOWED_FOREIGN_REGIONS: comma-separated regions other than the
   service's own whose datasets policy allows (each use is still audited).
 - FALAJ_FEATURES_REGISTRY_CACHE_SECONDS: how long a replica may serve a cached Feast
@@ -118,7 +120,7 @@ def load_features_config(settings: Settings, env: Mapping[str, str] | None = Non
     online_store = env.get("FALAJ_FEATURES_ONLINE_STORE", "").strip() or "sqlite"
     if online_store != "sqlite" and urlparse(online_store).scheme not in ("redis", "rediss"):
         raise StartupError(f"FALAJ_FEATURES_ONLINE_STORE={online_store!r}; expected 'sqlite' or a redis:// URL")
-    project = env.get("FALAJ_FEATURES_FEAST_PROJECT", "").strip() or "falaj"
+    project = env.get("FALAJ_FEATURES_FEAST_PROJECT", "").strip() or settings.database_prefix.rstrip("_") or "falaj"
     if not _PROJECT.match(project):
         raise StartupError(f"FALAJ_FEATURES_FEAST_PROJECT={project!r} must be letters, digits and '_', starting with a letter or digit")
     regions = frozenset(r.strip() for r in env.get("FALAJ_FEATURES_ALLOWED_FOREIGN_REGIONS", "").split(",") if r.strip())

@@ -346,12 +346,23 @@ class FeastRepo:
                 self.project, tables_to_delete=[], tables_to_keep=[view], entities_to_delete=[], entities_to_keep=[], partial=True
             )
 
-    def materialize(self, view_id: str, start: dt.datetime, end: dt.datetime) -> MaterializedWindow:
-        """Write the latest value per entity with event time in [start, end] to the online store.
+    def materialize(self, view_id: str, start: dt.datetime, end: dt.datetime, *, replace: bool = False) -> MaterializedWindow:
+        """Write the latest value per entity with event time in [start, end] to the online store;
+        with `replace`, those values become all the view holds online (a full materialization).
 
         Feast's own steps (the offline store's `pull_latest_from_table_or_query`, then the
         provider's online write), called directly so the rows written are known exactly.
+        On SQLite a replacement removes the old values in the write's own transaction, so a
+        failed or killed write leaves the old values, never an empty or half-written view;
+        Redis has no such transaction: the view is cleared, then written.
         """
+        with self.write_lock:
+            if replace and self.config.uses_redis:
+                self.clear_online(view_id)
+                replace = False
+            return self._materialize(view_id, start, end, replace)
+
+    def _materialize(self, view_id: str, start: dt.datetime, end: dt.datetime, replace: bool) -> MaterializedWindow:
         view = self._view(view_id)
         provider = self.store._get_provider()
         source = view.batch_source
@@ -370,10 +381,29 @@ class FeastRepo:
             end_date=end,
         )
         frame = job.to_df()
+        if replace:
+            from feast.infra.online_stores.sqlite import _table_id
+
+            # Python's sqlite3 opens a transaction at the DELETE; Feast's write (`with conn:`)
+            # adds its rows to it and commits both, or rolls both back.
+            online_store: Any = provider.online_store
+            connection = online_store._get_conn(self.repo_config)
+            try:
+                connection.execute(f'DELETE FROM "{_table_id(self.project, view)}"')
+                if frame.empty:
+                    connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
         if frame.empty:
             return MaterializedWindow(0, None)
         newest = pd.to_datetime(frame[source.timestamp_field], utc=True).max()
-        provider.ingest_df(view, frame)
+        try:
+            provider.ingest_df(view, frame)
+        except BaseException:
+            if replace:
+                connection.rollback()  # the DELETE, if Feast failed before its write
+            raise
         self.store.registry.apply_materialization(view, self.project, start, end)
         return MaterializedWindow(len(frame), newest.to_pydatetime())
 
@@ -438,7 +468,9 @@ class FeastRepo:
 
             connection = online_store._get_conn(self.repo_config)
             table = _table_id(self.project, view)
-            with connection:
+            # One connection serves every thread: committing here must not commit a
+            # materialization's open transaction, so wait for it.
+            with self.write_lock, connection:
                 connection.executemany(
                     f'DELETE FROM "{table}" WHERE entity_key = ?',
                     [(serialize_entity_key(key, entity_key_serialization_version=3),) for key in present],

@@ -31,6 +31,7 @@ from falaj.features.v1 import request_response_pb2 as requests
 from falaj_platform.runtime.errors import FailedPrecondition, FalajError, InvalidArgument, NotFound
 from falaj_platform.runtime.identity import service_id
 from falaj_platform.runtime.interceptors import current_caller
+from falaj_platform.runtime.validate import enum_name, optional_datetime
 from falaj_platform.services.features import names
 from falaj_platform.services.features.catalog import Catalog
 from falaj_platform.services.features.config import FeaturesConfig
@@ -45,6 +46,7 @@ MODE = messages.MaterializationMode
 STATE = messages.MaterializationState
 TRIGGER = messages.MaterializationTrigger
 _ONE_MICROSECOND = dt.timedelta(microseconds=1)
+INTERRUPTED = "the features service stopped before this run finished; materialize again"
 
 
 def _now() -> dt.datetime:
@@ -169,11 +171,10 @@ class Materializer:
     def materialize(self, request: requests.MaterializeRequest) -> messages.Materialization:
         if request.mode == MODE.MATERIALIZATION_MODE_UNSPECIFIED:
             raise InvalidArgument("mode is required (FULL or INCREMENTAL)", reason="MODE_REQUIRED")
-        if (
-            request.HasField("window_start")
-            and request.HasField("window_end")
-            and request.window_start.ToDatetime() >= request.window_end.ToDatetime()
-        ):
+        enum_name(MODE, request.mode, "mode")
+        window_start = optional_datetime(request, "window_start")
+        window_end = optional_datetime(request, "window_end")
+        if window_start is not None and window_end is not None and window_start >= window_end:
             raise InvalidArgument("window_start must be before window_end", reason="INVALID_WINDOW")
         if request.request_id:
             with self.store.transaction() as session:
@@ -216,8 +217,8 @@ class Materializer:
         with self.store.transaction() as session:
             runs = self.store.list_materializations(
                 session,
-                state=STATE.Name(request.state) if request.state else "",
-                trigger=TRIGGER.Name(request.trigger) if request.trigger else "",
+                state=enum_name(STATE, request.state, "state") if request.state else "",
+                trigger=enum_name(TRIGGER, request.trigger, "trigger") if request.trigger else "",
             )
         if request.feature_view:
             runs = [r for r in runs if request.feature_view in r.feature_views]
@@ -321,9 +322,10 @@ class Materializer:
                 # Feast's file store reads both window ends inclusively; start just after the last end.
                 start = state.materialized_until + _ONE_MICROSECOND
             with self.repo.write_lock:
-                if full:
+                if full and start > end:
                     self.repo.clear_online(view_id)
-                written = self.repo.materialize(view_id, start, end) if start <= end else None
+                # A full run replaces the view's online values in one write: old or new, never a mix.
+                written = self.repo.materialize(view_id, start, end, replace=full) if start <= end else None
             rows = written.rows_written if written else 0
             newest_candidates = [
                 t for t in (None if full else state.newest_event_time, written.newest_event_time if written else None) if t
@@ -362,6 +364,24 @@ class Materializer:
             state=STATE.MATERIALIZATION_STATE_QUEUED,
         )
         return self.submit(run, wait=False)
+
+    def recover(self) -> int:
+        """At boot: runs a stopped process left QUEUED or RUNNING end FAILED, saying so; else they
+        would stay RUNNING forever, and so would the answer to a retry with their request_id.
+        On SQLite a view's online values change only when its write commits (see
+        FeastRepo.materialize), so a view the run had not finished keeps its previous values."""
+        failed = 0
+        with self.store.transaction() as session:
+            for state in (STATE.MATERIALIZATION_STATE_QUEUED, STATE.MATERIALIZATION_STATE_RUNNING):
+                for run in self.store.list_materializations(session, state=STATE.Name(state)):
+                    run.state = STATE.MATERIALIZATION_STATE_FAILED
+                    run.error_message = INTERRUPTED
+                    run.run_end_time.FromDatetime(_now())
+                    self.store.update_materialization(session, run)
+                    failed += 1
+        if failed:
+            log.warning("failed %d materialization(s) left unfinished by a stopped process", failed)
+        return failed
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

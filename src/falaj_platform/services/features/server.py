@@ -74,6 +74,7 @@ def build_service(
     eraser = Eraser(store, repo, source, audit)
     scheduler = Scheduler(store, source, materializer, poll_seconds=schedule_poll_seconds, version_poll_seconds=version_poll_seconds)
     catalog.reconcile()
+    materializer.recover()
     return FeaturesService(config, store, repo, source, catalog, offline, materializer, reader, eraser, scheduler)
 
 

@@ -6,7 +6,6 @@ typed errors raised below become gRPC statuses in the runtime's interceptor.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from falaj.ingest.v1 import service_pb2_grpc
 from falaj_platform.runtime.errors import Aborted, InvalidArgument
 from falaj_platform.runtime.interceptors import current_caller
 from falaj_platform.runtime.settings import Settings
+from falaj_platform.runtime.validate import optional_datetime
 from falaj_platform.services.ingest import names, paging, readers
 from falaj_platform.services.ingest.catalog import Catalog
 from falaj_platform.services.ingest.commits import Committer, Idempotency, IngestInput, Options, Origin
@@ -235,7 +235,7 @@ class IngestApi(service_pb2_grpc.IngestServiceServicer):
         return rr.GetErasureReceiptResponse(receipt=self.store.get_receipt(names.parse_top(request.name, "erasureReceipts")))
 
     def ListErasureReceipts(self, request: rr.ListErasureReceiptsRequest, context: grpc.ServicerContext) -> rr.ListErasureReceiptsResponse:
-        after = request.completed_after.ToDatetime(tzinfo=dt.UTC) if request.HasField("completed_after") else None
+        after = optional_datetime(request, "completed_after")
         found = self.store.list_receipts(after, request.state)
         filters = {"a": request.completed_after.ToJsonString() if after else "", "s": request.state}
         page, token = paging.paginate(found, paging.page_size(request.page_size, 50), request.page_token, filters)

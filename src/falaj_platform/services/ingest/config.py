@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from falaj_platform.runtime.errors import StartupError
+from falaj_platform.runtime.settings import COMPONENTS, database_url_of
+from falaj_platform.services.ingest import access
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,12 @@ class IngestConfig:
     import_workers: int = 2
     # Local folders file imports may never read: the platform's own data, keys and PKI.
     protected_roots: tuple[str, ...] = ()
+    # URL prefixes (https://host/path/, s3://bucket/, ...) file imports may fetch; empty: local paths only.
+    allowed_url_prefixes: tuple[str, ...] = ()
+    # Hosts (host or host:port) SQL imports may connect to; empty: any but the platform's own databases.
+    sql_allowed_hosts: tuple[str, ...] = ()
+    # The platform's own database URLs (component -> FALAJ_<COMPONENT>_DATABASE_URL): never an import source.
+    platform_databases: Mapping[str, str] = field(default_factory=dict)
 
 
 def _json_mapping(env: Mapping[str, str], key: str) -> dict[str, Any]:
@@ -70,6 +78,16 @@ def _number(env: Mapping[str, str], key: str, default: float) -> float:
         raise StartupError(f"{key}={raw!r} is not a number") from None
 
 
+def _list(env: Mapping[str, str], key: str, check: Callable[[str], object]) -> tuple[str, ...]:
+    entries = tuple(dict.fromkeys(e.strip() for e in env.get(key, "").split(",") if e.strip()))
+    for entry in entries:
+        try:
+            check(entry)
+        except ValueError as error:
+            raise StartupError(f"{key}: {error}") from None
+    return entries
+
+
 def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
     """Build the ingest config from the environment (os.environ by default)."""
     env = os.environ if env is None else env
@@ -88,4 +106,7 @@ def load_ingest_config(env: Mapping[str, str] | None = None) -> IngestConfig:
         worker_poll_seconds=_number(env, "FALAJ_INGEST_WORKER_POLL_SECONDS", 1.0),
         nats_commit_max_rows=int(_number(env, "FALAJ_INGEST_NATS_COMMIT_MAX_ROWS", 10_000)),
         nats_commit_max_interval_seconds=_number(env, "FALAJ_INGEST_NATS_COMMIT_MAX_INTERVAL_SECONDS", 5.0),
+        allowed_url_prefixes=_list(env, access.URL_PREFIXES_SETTING, access.check_url_prefix),
+        sql_allowed_hosts=_list(env, access.SQL_HOSTS_SETTING, access.parse_host_entry),
+        platform_databases={component: database_url_of(component, env) for component in COMPONENTS},
     )

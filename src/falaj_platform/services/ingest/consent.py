@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from falaj.ingest.v1 import message_pb2 as m
 from falaj.ingest.v1 import request_response_pb2 as rr
 from falaj_platform.runtime.errors import InvalidArgument
+from falaj_platform.runtime.validate import timestamp_to_datetime
 from falaj_platform.services.ingest import paging
 from falaj_platform.services.ingest.commits import now_utc
 from falaj_platform.services.ingest.store import IngestStore, enum_value, utc
@@ -18,9 +19,10 @@ SERVICE = "/falaj.ingest.v1.IngestService/"
 MAX_SUBJECTS = 10_000
 
 
-def _time(field: Any, default: dt.datetime | None) -> dt.datetime | None:
-    if field.seconds or field.nanos:
-        return field.ToDatetime(tzinfo=dt.UTC)
+def _time(stamp: Any, field: str, default: dt.datetime | None) -> dt.datetime | None:
+    """The Timestamp `stamp` (request field `field`) as UTC, or `default` when it is zero (unset)."""
+    if stamp.seconds or stamp.nanos:
+        return timestamp_to_datetime(stamp, field)
     return default
 
 
@@ -38,8 +40,8 @@ class Consents:
     def record(self, request: rr.RecordConsentRequest, caller: str) -> rr.RecordConsentResponse:
         _check_subject(request.subject_id, request.purpose)
         now = now_utc()
-        granted = _time(request.grant_time, now)
-        expires = _time(request.expire_time, None)
+        granted = _time(request.grant_time, "grant_time", now)
+        expires = _time(request.expire_time, "expire_time", None)
         if expires is not None and granted is not None and expires <= granted:
             raise InvalidArgument("expire_time must be after grant_time", reason="INVALID_EXPIRY")
 
@@ -62,7 +64,7 @@ class Consents:
     def withdraw(self, request: rr.WithdrawConsentRequest, caller: str) -> rr.WithdrawConsentResponse:
         _check_subject(request.subject_id, request.purpose)
         now = now_utc()
-        when = _time(request.withdraw_time, now) or now
+        when = _time(request.withdraw_time, "withdraw_time", now) or now
 
         def write(session: Session) -> rr.WithdrawConsentResponse:
             record = self.store.upsert_consent(
@@ -81,7 +83,9 @@ class Consents:
         return self.store.idempotent(SERVICE + "WithdrawConsent", request, rr.WithdrawConsentResponse, write)
 
     def list_consents(self, request: rr.ListConsentsRequest) -> rr.ListConsentsResponse:
-        found = self.store.list_consents(request.subject_id, request.purpose, _time(request.changed_after, None), now_utc())
+        found = self.store.list_consents(
+            request.subject_id, request.purpose, _time(request.changed_after, "changed_after", None), now_utc()
+        )
         if request.state:
             found = [r for r in found if r.state == request.state]
         filters = {"s": request.subject_id, "p": request.purpose, "st": request.state, "c": request.changed_after.ToJsonString()}
@@ -92,7 +96,7 @@ class Consents:
         if len(request.subject_ids) > MAX_SUBJECTS:
             raise InvalidArgument(f"at most {MAX_SUBJECTS} subjects per call", reason="TOO_MANY_SUBJECTS")
         _check_subject("-", request.purpose)
-        as_of = _time(request.as_of_time, now_utc()) or now_utc()
+        as_of = _time(request.as_of_time, "as_of_time", now_utc()) or now_utc()
         rows = self.store.consents_of(list(dict.fromkeys(request.subject_ids)), request.purpose)
         response = rr.CheckConsentResponse()
         for subject_id in request.subject_ids:

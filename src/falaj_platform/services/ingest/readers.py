@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -28,6 +27,7 @@ from sqlalchemy import exc as sa_exc
 from falaj.common.v1 import common_pb2 as common
 from falaj.ingest.v1 import message_pb2 as m
 from falaj_platform.runtime.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unavailable
+from falaj_platform.services.ingest import access
 from falaj_platform.services.ingest.commits import Batch, IngestInput, ParseFailure, stream_digest
 from falaj_platform.services.ingest.validation import InputShape, as_text
 
@@ -113,27 +113,33 @@ def _format_of(path: str, declared: int) -> int:
     raise InvalidArgument(f"cannot tell the format of {path!r} from its extension; set file.format", reason="UNKNOWN_FILE_FORMAT")
 
 
+def _is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 def _refuse_protected(fs: fsspec.AbstractFileSystem, paths: Sequence[str], protected_roots: Sequence[str]) -> None:
     """Local files inside the platform's own folders (keys, PKI, other stores) are never read."""
-    if not protected_roots or "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if not protected_roots or not _is_local_fs(fs):
         return
     for path in paths:
-        real = os.path.realpath(path)
-        for root in protected_roots:
-            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
-                raise PermissionDenied("file imports may not read the platform's own data, keys or certificates", reason="PROTECTED_PATH")
+        access.refuse_protected_path(path, protected_roots)
 
 
 def open_filesystem(
-    uri: str, storage_options: Mapping[str, Any], protected_roots: Sequence[str] = ()
+    uri: str, storage_options: Mapping[str, Any], protected_roots: Sequence[str] = (), allowed_url_prefixes: Sequence[str] = ()
 ) -> tuple[fsspec.AbstractFileSystem, list[str], str]:
-    """(filesystem, matching paths, how to show the location) for a local path, fsspec URL or glob."""
+    """(filesystem, matching paths, how to show the location) for a local path, fsspec URL or glob.
+
+    A remote URL is opened only under one of `allowed_url_prefixes` (see `access`)."""
     if not uri:
         raise InvalidArgument("file.uri is required", reason="FILE_URI_REQUIRED")
+    access.check_file_uri(uri, allowed_url_prefixes)
     try:
         fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options))
     except (ValueError, ImportError, KeyError) as error:
-        raise InvalidArgument(f"cannot open {uri!r}: {error}", reason="UNSUPPORTED_FILE_URL") from None
+        raise InvalidArgument(f"cannot open {access.mask_url(uri)!r}: {error}", reason="UNSUPPORTED_FILE_URL") from None
+    if access.is_local(uri) and not _is_local_fs(fs):
+        raise PermissionDenied(f"{access.mask_url(uri)!r} does not open a local file", reason="URL_NOT_ALLOWED")
     try:
         if _GLOB.search(path):
             paths = sorted(fs.glob(path))
@@ -243,10 +249,14 @@ def _read_parquet(fs: fsspec.AbstractFileSystem, path: str, spec: m.FileImportSp
 
 
 def read_files(
-    spec: m.FileImportSpec, schema: m.Schema, storage_options: Mapping[str, Any], protected_roots: Sequence[str] = ()
+    spec: m.FileImportSpec,
+    schema: m.Schema,
+    storage_options: Mapping[str, Any],
+    protected_roots: Sequence[str] = (),
+    allowed_url_prefixes: Sequence[str] = (),
 ) -> IngestInput:
     """Every file matching the spec, as one input (a glob commits all its files together)."""
-    fs, paths, _ = open_filesystem(spec.uri, storage_options, protected_roots)
+    fs, paths, _ = open_filesystem(spec.uri, storage_options, protected_roots, allowed_url_prefixes)
     batches: list[Batch] = []
     failures: list[ParseFailure] = []
     text = False

@@ -13,7 +13,7 @@ import datetime as dt
 import functools
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
@@ -24,7 +24,7 @@ from falaj.ingest.v1 import request_response_pb2 as rr
 from falaj_platform.runtime.errors import Aborted, FailedPrecondition, FalajError, InvalidArgument, Unavailable
 from falaj_platform.runtime.idempotency import request_digest
 from falaj_platform.runtime.logs import get_logger
-from falaj_platform.services.ingest import names, nats_source, readers
+from falaj_platform.services.ingest import access, names, nats_source, readers
 from falaj_platform.services.ingest.commits import Committer, Idempotency, IngestInput, Options, Origin, now_utc
 from falaj_platform.services.ingest.config import IngestConfig
 from falaj_platform.services.ingest.residency import ResidencyGuard
@@ -34,6 +34,8 @@ log = get_logger()
 
 SERVICE = "/falaj.ingest.v1.IngestService/"
 MAX_CONSECUTIVE_FAILURES = 5
+
+T = TypeVar("T")
 
 
 def _croniter() -> Any:
@@ -119,16 +121,27 @@ class SourceManager:
     def _schema(self, dataset_id: str) -> m.Schema:
         return self.store.get_dataset(dataset_id).schema
 
+    def _audited(self, work: Callable[[], T], resource: str, action: str, caller: str) -> T:
+        """`work()`; a source refused as the platform's own or not allowed is a denial in the audit log."""
+        return access.audited(self.guard.audit, work, resource=resource, action=action, caller=caller)
+
+    def _read_files(self, spec: m.FileImportSpec, dataset_id: str, storage_options: Mapping[str, Any]) -> IngestInput:
+        return readers.read_files(
+            spec, self._schema(dataset_id), storage_options, self.config.protected_roots, self.config.allowed_url_prefixes
+        )
+
     def import_file(self, request: rr.ImportFileRequest, caller: str) -> rr.ImportFileResponse:
         dataset_id = names.parse_dataset(request.dataset, "dataset")
         spec = request.file
         options = self._storage_options(spec.storage_profile)
         if not spec.uri:
             raise InvalidArgument("file.uri is required", reason="FILE_URI_REQUIRED")
+        resource = names.dataset_name(dataset_id)
+        self._audited(lambda: access.check_file_uri(spec.uri, self.config.allowed_url_prefixes), resource, "import_file", caller)
         run = self.committer.submit if request.return_immediately else self.committer.run
         return run(
             dataset_id,
-            lambda: readers.read_files(spec, self._schema(dataset_id), options, self.config.protected_roots),
+            lambda: self._audited(lambda: self._read_files(spec, dataset_id, options), resource, "import_file", caller),
             Origin(m.SOURCE_KIND_FILE, readers.describe_file(spec)),
             Options(request.write_mode or m.WRITE_MODE_APPEND, request.validate_only),
             lambda ingestion: rr.ImportFileResponse(ingestion=ingestion),
@@ -141,7 +154,7 @@ class SourceManager:
         dataset_id = names.parse_dataset(request.dataset, "dataset")
         spec = request.sql
         readers.check_sql_spec(spec)
-        url = self._sql_url(spec, stored=False)
+        url = self._audited(lambda: self._sql_url(spec, stored=False), names.dataset_name(dataset_id), "import_sql", caller)
         start = spec.start_watermark if spec.mode == m.SQL_IMPORT_MODE_INCREMENTAL else ""
         run = self.committer.submit if request.return_immediately else self.committer.run
         return run(
@@ -156,6 +169,17 @@ class SourceManager:
         )
 
     def _sql_url(self, spec: m.SqlImportSpec, *, stored: bool) -> sa.engine.URL:
+        """The source's URL, refused where it is the platform's own database or a host not allowed."""
+        url = self._configured_sql_url(spec, stored=stored)
+        access.check_sql_url(
+            url,
+            protected_roots=self.config.protected_roots,
+            platform_databases=self.config.platform_databases,
+            allowed_hosts=self.config.sql_allowed_hosts,
+        )
+        return url
+
+    def _configured_sql_url(self, spec: m.SqlImportSpec, *, stored: bool) -> sa.engine.URL:
         connection = spec.WhichOneof("connection")
         if connection == "sqlalchemy_url":
             if stored:
@@ -182,6 +206,7 @@ class SourceManager:
             if not source.file.uri:
                 raise InvalidArgument("file.uri is required", reason="FILE_URI_REQUIRED")
             self._storage_options(source.file.storage_profile)
+            access.check_file_uri(source.file.uri, self.config.allowed_url_prefixes)
         elif kind == "sql":
             readers.check_sql_spec(source.sql)
             self._sql_url(source.sql, stored=True)
@@ -204,7 +229,12 @@ class SourceManager:
     def _probe(self, kind: str, source: m.Source) -> None:
         """validate_only: the connection is reachable and the stream or file exists."""
         if kind == "file":
-            readers.open_filesystem(source.file.uri, self._storage_options(source.file.storage_profile), self.config.protected_roots)
+            readers.open_filesystem(
+                source.file.uri,
+                self._storage_options(source.file.storage_profile),
+                self.config.protected_roots,
+                self.config.allowed_url_prefixes,
+            )
         elif kind == "sql":
             url = self._sql_url(source.sql, stored=True)
             engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
@@ -227,11 +257,11 @@ class SourceManager:
         self.guard(dataset, "create_source", caller)
         source = m.Source()
         source.CopyFrom(request.source)
-        kind = self._check_source(source)
+        kind = self._audited(lambda: self._check_source(source), dataset.name, "create_source", caller)
         source.state = m.SOURCE_STATE_ACTIVE
         source.ClearField("status")
         if request.validate_only:
-            self._probe(kind, source)
+            self._audited(lambda: self._probe(kind, source), dataset.name, "create_source", caller)
             source.name = names.source_name(dataset_id, source_id)
             return rr.CreateSourceResponse(source=source)
 
@@ -281,7 +311,7 @@ class SourceManager:
         updated.CopyFrom(current)
         mask = field_mask_pb2.FieldMask(paths=paths)
         mask.MergeMessage(request.source, updated, replace_message_field=True, replace_repeated_field=True)
-        self._check_source(updated)
+        self._audited(lambda: self._check_source(updated), names.dataset_name(dataset_id), "update_source", caller)
 
         def write(session: Session) -> rr.UpdateSourceResponse:
             source = self.store.update_source(session, dataset_id, source_id, updated, caller, now_utc())
@@ -389,11 +419,13 @@ class SourceManager:
         if kind == "file":
             spec_file = source.file
             storage_options = self._storage_options(spec_file.storage_profile)
-            read = lambda: readers.read_files(spec_file, self._schema(dataset_id), storage_options, self.config.protected_roots)  # noqa: E731
+            read = lambda: self._audited(  # noqa: E731
+                lambda: self._read_files(spec_file, dataset_id, storage_options), source.name, "run_source", caller
+            )
             origin = Origin(m.SOURCE_KIND_FILE, readers.describe_file(spec_file), source=source.name)
         else:
             spec_sql = source.sql
-            url = self._sql_url(spec_sql, stored=True)
+            url = self._audited(lambda: self._sql_url(spec_sql, stored=True), source.name, "run_source", caller)
             incremental = spec_sql.mode == m.SQL_IMPORT_MODE_INCREMENTAL
             start = "" if full_refresh or not incremental else (source.status.watermark or spec_sql.start_watermark)
             read = lambda: readers.read_sql(url, spec_sql, start)  # noqa: E731

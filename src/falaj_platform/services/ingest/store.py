@@ -32,6 +32,7 @@ from falaj.ingest.v1 import message_pb2 as m
 from falaj_platform.runtime.db import Database, request_log_columns
 from falaj_platform.runtime.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from falaj_platform.runtime.idempotency import MAX_REQUEST_ID_LENGTH, remember, replayed_response
+from falaj_platform.runtime.validate import enum_name
 from falaj_platform.services.ingest import names
 from falaj_platform.services.ingest.storage import StoredFile, content_hash
 
@@ -296,10 +297,6 @@ def definition_etag(dataset: m.Dataset) -> str:
     for output_only in ("etag", "create_stamp", "update_stamp", "latest_version", "name"):
         copy.ClearField(output_only)
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()[:32]
-
-
-def enum_name(enum: Any, value: int) -> str:
-    return str(enum.Name(value))
 
 
 def enum_value(enum: Any, name: str) -> int:
@@ -603,7 +600,7 @@ class IngestStore:
                 major=version.major,
                 minor=version.minor,
                 schema_json=to_json(version.schema),
-                change_kind=enum_name(m.SchemaChangeKind, version.change_kind),
+                change_kind=enum_name(m.SchemaChangeKind, version.change_kind, "change_kind"),
                 changes_json=json.dumps([json.loads(to_json(c)) for c in version.changes]),
                 migration_json=to_json(version.migration) if version.HasField("migration") else None,
                 migrated_dataset_version=None,
@@ -739,9 +736,9 @@ class IngestStore:
                 min_event_time=min(times) if times else None,
                 max_event_time=max(times) if times else None,
                 ingestion=version.ingestion,
-                source_kind=enum_name(m.SourceKind, version.source_kind),
+                source_kind=enum_name(m.SourceKind, version.source_kind, "source_kind"),
                 source_description=version.source_description,
-                write_mode=enum_name(m.WriteMode, version.write_mode),
+                write_mode=enum_name(m.WriteMode, version.write_mode, "write_mode"),
                 lineage_json=to_json(lineage),
                 created_by=version.actor,
                 created_at=version.created_at,
@@ -918,14 +915,14 @@ class IngestStore:
                 id=ingestion_id,
                 dataset=dataset_id,
                 request_id=ingestion.request_id or None,
-                source_kind=enum_name(m.SourceKind, ingestion.source_kind),
+                source_kind=enum_name(m.SourceKind, ingestion.source_kind, "source_kind"),
                 source=ingestion.source or None,
                 source_description=ingestion.source_description,
-                state=enum_name(m.IngestionState, ingestion.state),
+                state=enum_name(m.IngestionState, ingestion.state, "state"),
                 report_json=to_json(ingestion.report),
                 dataset_version_number=None,
                 schema_version=ingestion.schema_version.rsplit("/", 1)[-1] if ingestion.schema_version else "",
-                write_mode=enum_name(m.WriteMode, ingestion.write_mode),
+                write_mode=enum_name(m.WriteMode, ingestion.write_mode, "write_mode"),
                 validate_only=ingestion.validate_only,
                 watermark_start=ingestion.watermark_start or None,
                 watermark_end=ingestion.watermark_end or None,
@@ -952,7 +949,7 @@ class IngestStore:
             ingestions.update()
             .where(ingestions.c.id == ingestion_id)
             .values(
-                state=enum_name(m.IngestionState, state),
+                state=enum_name(m.IngestionState, state, "state"),
                 report_json=to_json(report),
                 dataset_version_number=version_number,
                 schema_version=schema_version,
@@ -1004,9 +1001,9 @@ class IngestStore:
                 .order_by(ingestions.c.created_at.desc(), ingestions.c.id.desc())
             )
             if state:
-                query = query.where(ingestions.c.state == enum_name(m.IngestionState, state))
+                query = query.where(ingestions.c.state == enum_name(m.IngestionState, state, "state"))
             if source_kind:
-                query = query.where(ingestions.c.source_kind == enum_name(m.SourceKind, source_kind))
+                query = query.where(ingestions.c.source_kind == enum_name(m.SourceKind, source_kind, "source_kind"))
             if source:
                 query = query.where(ingestions.c.source == source)
             return [self._ingestion_from_row(row) for row in session.execute(query).all()]
@@ -1058,7 +1055,9 @@ class IngestStore:
                         "row_index": row.row_index,
                         "values_json": row.values_json,
                         "violations_json": json.dumps([json.loads(to_json(v)) for v in row.violations]),
-                        "violation_keys": "|" + "|".join(f"{enum_name(m.ValidationRule, v.rule)}:{v.column}" for v in row.violations) + "|",
+                        "violation_keys": "|"
+                        + "|".join(f"{enum_name(m.ValidationRule, v.rule, 'rule')}:{v.column}" for v in row.violations)
+                        + "|",
                         "state": "QUARANTINE_STATE_QUARANTINED",
                         "schema_version": schema_version,
                         "subject_id": row.subject_id,
@@ -1097,7 +1096,7 @@ class IngestStore:
             query = (
                 sa.select(quarantined_rows)
                 .where(quarantined_rows.c.dataset == dataset_id)
-                .where(quarantined_rows.c.state == enum_name(m.QuarantineState, state or m.QUARANTINE_STATE_QUARANTINED))
+                .where(quarantined_rows.c.state == enum_name(m.QuarantineState, state or m.QUARANTINE_STATE_QUARANTINED, "state"))
                 .order_by(quarantined_rows.c.id)
             )
             if rule or column:
@@ -1105,7 +1104,7 @@ class IngestStore:
                 def literal(text: str) -> str:
                     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
-                rule_part = literal(enum_name(m.ValidationRule, rule)) if rule else "%"
+                rule_part = literal(enum_name(m.ValidationRule, rule, "rule")) if rule else "%"
                 pattern = f"%|{rule_part}:{literal(column)}|%" if column else f"%|{rule_part}:%"
                 query = query.where(quarantined_rows.c.violation_keys.like(pattern, escape="\\"))
             if ingestion:
@@ -1161,7 +1160,7 @@ class IngestStore:
             .values(
                 values_json=values_json,
                 violations_json=json.dumps([json.loads(to_json(v)) for v in violations]),
-                violation_keys="|" + "|".join(f"{enum_name(m.ValidationRule, v.rule)}:{v.column}" for v in violations) + "|",
+                violation_keys="|" + "|".join(f"{enum_name(m.ValidationRule, v.rule, 'rule')}:{v.column}" for v in violations) + "|",
                 schema_version=schema_version,
                 resubmit_attempts=quarantined_rows.c.resubmit_attempts + 1,
             )
@@ -1214,8 +1213,8 @@ class IngestStore:
                 kind=kind,
                 spec_json=to_json(spec),
                 schedule=source.schedule,
-                write_mode=enum_name(m.WriteMode, source.write_mode or m.WRITE_MODE_APPEND),
-                state=enum_name(m.SourceState, source.state),
+                write_mode=enum_name(m.WriteMode, source.write_mode or m.WRITE_MODE_APPEND, "write_mode"),
+                state=enum_name(m.SourceState, source.state, "state"),
                 status_json=to_json(source.status),
                 next_run_at=None,
                 etag=_source_etag(source),
@@ -1263,7 +1262,7 @@ class IngestStore:
                 self._dataset_row(session, dataset_id)
                 query = query.where(sources.c.dataset == dataset_id)
             if state:
-                query = query.where(sources.c.state == enum_name(m.SourceState, state))
+                query = query.where(sources.c.state == enum_name(m.SourceState, state, "state"))
             return [self._source_from_row(row) for row in session.execute(query).all()]
 
     def update_source(self, session: Session, dataset_id: str, source_id: str, source: m.Source, actor: str, now: dt.datetime) -> m.Source:
@@ -1275,8 +1274,8 @@ class IngestStore:
                 description=source.description,
                 spec_json=to_json(getattr(source, kind)),
                 schedule=source.schedule,
-                write_mode=enum_name(m.WriteMode, source.write_mode or m.WRITE_MODE_APPEND),
-                state=enum_name(m.SourceState, source.state),
+                write_mode=enum_name(m.WriteMode, source.write_mode or m.WRITE_MODE_APPEND, "write_mode"),
+                state=enum_name(m.SourceState, source.state, "state"),
                 etag=_source_etag(source),
                 updated_by=actor,
                 updated_at=now,
@@ -1288,7 +1287,7 @@ class IngestStore:
         session.execute(
             sources.update()
             .where(sources.c.dataset == dataset_id, sources.c.source_id == source_id)
-            .values(state=enum_name(m.SourceState, state), updated_by=actor, updated_at=now)
+            .values(state=enum_name(m.SourceState, state, "state"), updated_by=actor, updated_at=now)
         )
 
     def update_source_status(
@@ -1310,7 +1309,7 @@ class IngestStore:
         change(status)
         values: dict[str, Any] = {"status_json": to_json(status)}
         if state is not None:
-            values["state"] = enum_name(m.SourceState, state)
+            values["state"] = enum_name(m.SourceState, state, "state")
         if next_run_at is not False:
             values["next_run_at"] = next_run_at
         session.execute(sources.update().where(sources.c.dataset == dataset_id, sources.c.source_id == source_id).values(**values))
@@ -1405,7 +1404,7 @@ class IngestStore:
         actor: str,
         now: dt.datetime,
     ) -> m.ConsentRecord:
-        purpose_name = enum_name(m.ConsentPurpose, purpose)
+        purpose_name = enum_name(m.ConsentPurpose, purpose, "purpose")
         row = session.execute(sa.select(consents).where(consents.c.subject_id == subject_id, consents.c.purpose == purpose_name)).first()
         state = "CONSENT_STATE_GRANTED" if granted else "CONSENT_STATE_WITHDRAWN"
         if row is None:
@@ -1447,7 +1446,7 @@ class IngestStore:
             if subject_id:
                 query = query.where(consents.c.subject_id == subject_id)
             if purpose:
-                query = query.where(consents.c.purpose == enum_name(m.ConsentPurpose, purpose))
+                query = query.where(consents.c.purpose == enum_name(m.ConsentPurpose, purpose, "purpose"))
             if changed_after is not None:
                 query = query.where(consents.c.updated_at >= changed_after)
             return [self._consent_from_row(row, now) for row in session.execute(query).all()]
@@ -1458,7 +1457,9 @@ class IngestStore:
             for start in range(0, len(subject_ids), 500):
                 chunk = list(subject_ids[start : start + 500])
                 rows = session.execute(
-                    sa.select(consents).where(consents.c.subject_id.in_(chunk), consents.c.purpose == enum_name(m.ConsentPurpose, purpose))
+                    sa.select(consents).where(
+                        consents.c.subject_id.in_(chunk), consents.c.purpose == enum_name(m.ConsentPurpose, purpose, "purpose")
+                    )
                 ).all()
                 found.update({r.subject_id: r for r in rows})
         return found
@@ -1477,7 +1478,7 @@ class IngestStore:
         completed = receipt.complete_time.ToDatetime(tzinfo=dt.UTC) if receipt.HasField("complete_time") else None
         exists = session.execute(sa.select(erasure_receipts.c.id).where(erasure_receipts.c.id == receipt_id)).first()
         values = {
-            "state": enum_name(m.ErasureState, receipt.state),
+            "state": enum_name(m.ErasureState, receipt.state, "state"),
             "receipt_json": to_json(receipt),
             "completed_at": completed,
         }
@@ -1505,7 +1506,7 @@ class IngestStore:
             if completed_after is not None:
                 query = query.where(erasure_receipts.c.completed_at >= completed_after)
             if state:
-                query = query.where(erasure_receipts.c.state == enum_name(m.ErasureState, state))
+                query = query.where(erasure_receipts.c.state == enum_name(m.ErasureState, state, "state"))
             return [from_json(text, m.ErasureReceipt) for text in session.execute(query).scalars()]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -11,6 +10,7 @@ from falaj.common.v1 import common_pb2 as common
 from falaj.ingest.v1 import message_pb2 as m
 from falaj.ingest.v1 import request_response_pb2 as rr
 from falaj_platform.runtime.errors import FailedPrecondition, InvalidArgument
+from falaj_platform.runtime.validate import optional_datetime
 from falaj_platform.services.ingest import names, paging
 from falaj_platform.services.ingest.residency import ResidencyGuard
 from falaj_platform.services.ingest.schema import arrow_schema
@@ -51,7 +51,7 @@ class Versions:
 
     def list_versions(self, request: rr.ListDatasetVersionsRequest) -> rr.ListDatasetVersionsResponse:
         dataset_id = names.parse_dataset(request.parent, "parent")
-        after = request.created_after.ToDatetime(tzinfo=dt.UTC) if request.HasField("created_after") else None
+        after = optional_datetime(request, "created_after")
         found = self.store.list_versions(dataset_id, after)
         filters = {"p": dataset_id, "a": request.created_after.ToJsonString() if after else ""}
         page, token = paging.paginate(found, paging.page_size(request.page_size, 50), request.page_token, filters)
@@ -92,8 +92,8 @@ class Versions:
         unknown = [c for c in columns if c not in full.names]
         if unknown:
             raise InvalidArgument(f"unknown column(s) {', '.join(unknown)} in {version.name}", reason="UNKNOWN_COLUMN")
-        start = request.start_time.ToDatetime(tzinfo=dt.UTC) if request.HasField("start_time") else None
-        end = request.end_time.ToDatetime(tzinfo=dt.UTC) if request.HasField("end_time") else None
+        start = optional_datetime(request, "start_time")
+        end = optional_datetime(request, "end_time")
         if (start or end) and not schema.event_time_column:
             raise InvalidArgument(f"{dataset.name} has no event-time column to filter on", reason="NO_EVENT_TIME_COLUMN")
         if request.max_rows_per_batch < 0 or request.start_row_offset < 0:

@@ -23,6 +23,7 @@ from falaj.monitoring.v1 import request_response_pb2 as rr
 from falaj_platform.runtime.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from falaj_platform.runtime.idempotency import remember, replayed_response
 from falaj_platform.runtime.interceptors import current_caller
+from falaj_platform.runtime.validate import enum_name, optional_datetime
 from falaj_platform.services.monitoring import lifecycle, profiles, upstream, webhooks
 from falaj_platform.services.monitoring import messages as m
 from falaj_platform.services.monitoring.context import Context
@@ -789,6 +790,8 @@ def get_alert(ctx: Context, name: str) -> pb.Alert:
 
 
 def list_alerts(ctx: Context, request: rr.ListAlertsRequest) -> rr.ListAlertsResponse:
+    state = enum_name(pb.AlertState, request.state, "state", prefix="ALERT_STATE_") if request.state else ""
+    start, end = optional_datetime(request, "start_time"), optional_datetime(request, "end_time")
     query = {
         "state": request.state,
         "rule": request.alert_rule,
@@ -798,16 +801,16 @@ def list_alerts(ctx: Context, request: rr.ListAlertsRequest) -> rr.ListAlertsRes
     }
     page = m.page_of(request.page_size, request.page_token, query)
     where: list[sa.ColumnElement[bool]] = []
-    if request.state:
-        where.append(alerts.c.state == pb.AlertState.Name(request.state).removeprefix("ALERT_STATE_"))
+    if state:
+        where.append(alerts.c.state == state)
     if request.alert_rule:
         where.append(alerts.c.alert_rule == m.parse_name(request.alert_rule, "alertRules"))
     if request.monitor:
         where.append(alerts.c.monitor == m.parse_name(request.monitor, "modelMonitors"))
-    if request.HasField("start_time"):
-        where.append(alerts.c.start_time >= m.from_timestamp(request.start_time))
-    if request.HasField("end_time"):
-        where.append(alerts.c.start_time < m.from_timestamp(request.end_time))
+    if start is not None:
+        where.append(alerts.c.start_time >= start)
+    if end is not None:
+        where.append(alerts.c.start_time < end)
     with ctx.store.transaction() as session:
         rows, more = ctx.store.page(
             session, alerts, where=where, order_by=[alerts.c.start_time.desc(), alerts.c.id], offset=page.offset, limit=page.size

@@ -20,6 +20,7 @@ from falaj.monitoring.v1 import request_response_pb2 as rr
 from falaj_platform.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from falaj_platform.runtime.idempotency import remember, replayed_response
 from falaj_platform.runtime.logs import get_logger
+from falaj_platform.runtime.validate import optional_datetime
 from falaj_platform.services.monitoring import alerting, drift, lifecycle, quality, report_html
 from falaj_platform.services.monitoring import messages as m
 from falaj_platform.services.monitoring.context import Context
@@ -521,8 +522,8 @@ def compute_drift_report(ctx: Context, request: rr.ComputeDriftReportRequest) ->
     if not request.HasField("start_time"):
         raise InvalidArgument("start_time is required", reason="MISSING_START_TIME")
     method = SERVICE + "ComputeDriftReport"
-    start = m.from_timestamp(request.start_time)
-    end = m.from_timestamp(request.end_time) if request.HasField("end_time") else ctx.now()
+    start = m.from_timestamp(request.start_time, "start_time")
+    end = m.from_timestamp(request.end_time, "end_time") if request.HasField("end_time") else ctx.now()
     if end <= start:
         raise InvalidArgument("end_time must be after start_time", reason="INVALID_SPAN")
     with ctx.store.transaction() as session:
@@ -565,6 +566,7 @@ def get_drift_report(ctx: Context, name: str) -> pb.DriftReport:
 
 def list_drift_reports(ctx: Context, request: rr.ListDriftReportsRequest) -> rr.ListDriftReportsResponse:
     monitor_id = m.parse_name(request.parent, "modelMonitors")
+    start, end = optional_datetime(request, "start_time"), optional_datetime(request, "end_time")
     query = {
         "parent": request.parent,
         "start": request.start_time.ToJsonString() if request.HasField("start_time") else "",
@@ -573,10 +575,10 @@ def list_drift_reports(ctx: Context, request: rr.ListDriftReportsRequest) -> rr.
     }
     page = m.page_of(request.page_size, request.page_token, query)
     where: list[sa.ColumnElement[bool]] = [drift_reports.c.monitor == monitor_id]
-    if request.HasField("start_time"):
-        where.append(drift_reports.c.window_start >= m.from_timestamp(request.start_time))
-    if request.HasField("end_time"):
-        where.append(drift_reports.c.window_end <= m.from_timestamp(request.end_time))
+    if start is not None:
+        where.append(drift_reports.c.window_start >= start)
+    if end is not None:
+        where.append(drift_reports.c.window_end <= end)
     if request.dataset_drift_only:
         where.append(drift_reports.c.dataset_drift.is_(True))
     with ctx.store.transaction() as session:
@@ -597,6 +599,7 @@ def list_drift_reports(ctx: Context, request: rr.ListDriftReportsRequest) -> rr.
 
 def _list_window_metrics(ctx: Context, monitor: str, kind: str, request: Any) -> tuple[list[Any], str]:
     monitor_id = m.parse_name(monitor, "modelMonitors")
+    start, end = optional_datetime(request, "start_time"), optional_datetime(request, "end_time")
     query = {
         "monitor": monitor,
         "kind": kind,
@@ -605,10 +608,10 @@ def _list_window_metrics(ctx: Context, monitor: str, kind: str, request: Any) ->
     }
     page = m.page_of(request.page_size, request.page_token, query)
     where: list[sa.ColumnElement[bool]] = [window_metrics.c.monitor == monitor_id, window_metrics.c.kind == kind]
-    if request.HasField("start_time"):
-        where.append(window_metrics.c.window_start >= m.from_timestamp(request.start_time))
-    if request.HasField("end_time"):
-        where.append(window_metrics.c.window_end <= m.from_timestamp(request.end_time))
+    if start is not None:
+        where.append(window_metrics.c.window_start >= start)
+    if end is not None:
+        where.append(window_metrics.c.window_end <= end)
     with ctx.store.transaction() as session:
         if ctx.store.get(session, model_monitors, monitor_id) is None:
             raise NotFound(f"{monitor} does not exist", reason="MONITOR_NOT_FOUND")
@@ -637,15 +640,15 @@ def render_drift_report(ctx: Context, name: str) -> Iterator[rr.RenderDriftRepor
         title=f"Drift report — {report.model_version}",
         model_version=report.model_version,
         reference_profile=report.reference_profile,
-        window_start=m.from_timestamp(window.start_time) if window.HasField("start_time") else None,
-        window_end=m.from_timestamp(window.end_time) if window.HasField("end_time") else None,
+        window_start=m.from_timestamp(window.start_time, "window.start_time") if window.HasField("start_time") else None,
+        window_end=m.from_timestamp(window.end_time, "window.end_time") if window.HasField("end_time") else None,
         row_count=window.row_count,
         drift_share=report.drift_share,
         drift_share_threshold=report.drift_share_threshold,
         dataset_drift=report.dataset_drift,
         drifted_count=report.drifted_feature_count,
         tested_count=report.tested_feature_count,
-        created=m.from_timestamp(report.create_time) if report.HasField("create_time") else None,
+        created=m.from_timestamp(report.create_time, "create_time") if report.HasField("create_time") else None,
         feature_drifts=[m.column_drift_of(c) for c in report.feature_drifts],
         prediction_drifts=[m.column_drift_of(c) for c in report.prediction_drifts],
     )

@@ -22,6 +22,7 @@ from falaj.monitoring.v1 import request_response_pb2 as rr
 from falaj_platform.runtime.errors import InvalidArgument
 from falaj_platform.runtime.idempotency import remember, replayed_response
 from falaj_platform.runtime.interceptors import current_caller
+from falaj_platform.runtime.validate import non_negative
 from falaj_platform.services.monitoring import evaluation, profiles
 from falaj_platform.services.monitoring import messages as m
 from falaj_platform.services.monitoring.context import Context
@@ -94,6 +95,7 @@ def _header_monitor(stream: _LogStream) -> str | None:
 
 
 def _ingest_log_batch(ctx: Context, stream: _LogStream, batch: Any) -> None:
+    non_negative(batch.row_count, "batch.row_count")
     header_monitor = _header_monitor(stream)
     if batch.batch_id:
         with ctx.store.transaction() as session:
@@ -317,6 +319,7 @@ def ingest_labels(ctx: Context, messages: Iterator[rr.IngestLabelsRequest]) -> r
         if replayed is not None:
             continue
         batch = message.batch
+        non_negative(batch.row_count, "batch.row_count")
         if batch.batch_id:
             with ctx.store.transaction() as session:
                 if ctx.store.batch_seen(session, LABELS, batch.batch_id):

@@ -19,6 +19,7 @@ from google.protobuf import duration_pb2, json_format, timestamp_pb2
 from falaj.common.v1 import common_pb2
 from falaj.monitoring.v1 import message_pb2 as pb
 from falaj_platform.runtime.errors import InvalidArgument
+from falaj_platform.runtime.validate import enum_name, timestamp_to_datetime
 from falaj_platform.services.monitoring import drift, quality
 from falaj_platform.services.monitoring.alerting import AlertState, Comparator
 from falaj_platform.services.monitoring.profiles import ColumnRole, ColumnSpec, ColumnSummary
@@ -107,8 +108,9 @@ def timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
     return stamp
 
 
-def from_timestamp(stamp: timestamp_pb2.Timestamp) -> dt.datetime:
-    return stamp.ToDatetime(tzinfo=dt.UTC)
+def from_timestamp(stamp: timestamp_pb2.Timestamp, field: str) -> dt.datetime:
+    """A request's Timestamp `field` as UTC; InvalidArgument naming it when it is not a valid Timestamp."""
+    return timestamp_to_datetime(stamp, field)
 
 
 def duration(value: dt.timedelta) -> duration_pb2.Duration:
@@ -138,15 +140,11 @@ def audit_stamp(actor: str, when: dt.datetime) -> common_pb2.AuditStamp:
 # -- enums ----------------------------------------------------------------------------------
 
 
-def to_domain(wrapper: Any, prefix: str, value: int, domain: type[E]) -> E | None:
+def to_domain(wrapper: Any, prefix: str, value: int, domain: type[E], field: str = "") -> E | None:
     """A proto enum value as the domain enum member of the same name; None for UNSPECIFIED."""
     if value == 0:
         return None
-    try:
-        name = wrapper.Name(value)
-    except ValueError:
-        raise InvalidArgument(f"{value} is not a known {prefix.rstrip('_').lower()} value", reason="INVALID_ENUM") from None
-    return domain(name[len(prefix) :])
+    return domain(enum_name(wrapper, value, field or prefix.rstrip("_").lower(), prefix=prefix))
 
 
 def to_proto(wrapper: Any, prefix: str, member: Any) -> Any:

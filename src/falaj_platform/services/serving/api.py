@@ -6,18 +6,19 @@ from collections.abc import Iterator
 
 import grpc
 
-from falaj.sdk.errors import Unimplemented
 from falaj.serving.v1 import request_response_pb2 as rr
 from falaj.serving.v1 import service_pb2_grpc
 from falaj_platform.runtime.errors import InvalidArgument
+from falaj_platform.services.serving.batch_jobs import BatchJobService
 from falaj_platform.services.serving.deployments import DeploymentService
 from falaj_platform.services.serving.streaming import StreamPredictor
 
 
 class ServingApi(service_pb2_grpc.ServingServiceServicer):
-    def __init__(self, deployments: DeploymentService, streaming: StreamPredictor):
+    def __init__(self, deployments: DeploymentService, streaming: StreamPredictor, batch_jobs: BatchJobService):
         self.deployments = deployments
         self.streaming = streaming
+        self.batch_jobs = batch_jobs
 
     # -- deployments -------------------------------------------------------------------------
     def CreateDeployment(self, request: rr.CreateDeploymentRequest, context: grpc.ServicerContext) -> rr.CreateDeploymentResponse:
@@ -71,28 +72,19 @@ class ServingApi(service_pb2_grpc.ServingServiceServicer):
     def CreateBatchPredictionJob(
         self, request: rr.CreateBatchPredictionJobRequest, context: grpc.ServicerContext
     ) -> rr.CreateBatchPredictionJobResponse:
-        raise _batch_jobs_unavailable()
+        return self.batch_jobs.create_job(request)
 
     def GetBatchPredictionJob(
         self, request: rr.GetBatchPredictionJobRequest, context: grpc.ServicerContext
     ) -> rr.GetBatchPredictionJobResponse:
-        raise _batch_jobs_unavailable()
+        return rr.GetBatchPredictionJobResponse(job=self.batch_jobs.get_job(request.name))
 
     def ListBatchPredictionJobs(
         self, request: rr.ListBatchPredictionJobsRequest, context: grpc.ServicerContext
     ) -> rr.ListBatchPredictionJobsResponse:
-        raise _batch_jobs_unavailable()
+        return self.batch_jobs.list_jobs(request)
 
     def CancelBatchPredictionJob(
         self, request: rr.CancelBatchPredictionJobRequest, context: grpc.ServicerContext
     ) -> rr.CancelBatchPredictionJobResponse:
-        raise _batch_jobs_unavailable()
-
-
-def _batch_jobs_unavailable() -> Unimplemented:
-    # Jobs over ingest datasets need read and write access to ingest, which the gateway's
-    # service-serving role does not grant yet; StreamPredict covers batch inference today.
-    return Unimplemented(
-        "batch prediction jobs over ingest datasets are not available yet; stream Arrow batches with StreamPredict",
-        reason="BATCH_JOBS_UNAVAILABLE",
-    )
+        return self.batch_jobs.cancel_job(request)

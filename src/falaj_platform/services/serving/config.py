@@ -50,6 +50,16 @@ class ServingConfig:
     prediction_log_send_attempts: int = 2
     exposure_flush_interval_s: float = 1.0
     route_window_s: float = 60.0
+    # Batch prediction jobs: jobs run one at a time per replica, beside the online traffic.
+    batch_job_workers: int = 1
+    batch_job_poll_interval_s: float = 2.0
+    # How often a running job writes its progress, renews its heartbeat and looks for a cancel.
+    batch_job_progress_interval_s: float = 1.0
+    # A RUNNING job whose heartbeat is older than this lost its replica and is failed.
+    batch_job_stale_s: float = 60.0
+    batch_job_default_batch_size: int = 1024
+    # Deadline of one job's input read and output write streams.
+    batch_job_stream_timeout_s: float = 6 * 3600.0
 
     @staticmethod
     def from_settings(settings: Settings) -> ServingConfig:

@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 
 from falaj.serving.v1 import message_pb2 as pb
 from falaj_platform.runtime.errors import InvalidArgument
+from falaj_platform.runtime.validate import enum_name
 from falaj_platform.services.serving.prediction_log import LogPolicy
 from falaj_platform.services.serving.store import DeploymentRow, RolloutRow, ServedModelRow
 
@@ -30,11 +31,6 @@ def from_json(text: str | None, message_type: type[M]) -> M:
     return message
 
 
-def enum_name(enum: Any, prefix: str, value: int) -> str:
-    """`READY` for DEPLOYMENT_STATE_READY: stored without the prefix."""
-    return str(enum.Name(value)).removeprefix(prefix)
-
-
 def enum_value(enum: Any, prefix: str, name: str) -> Any:
     try:
         return int(enum.Value(prefix + name))
@@ -46,24 +42,25 @@ def deployment_state(name: str) -> Any:
     return enum_value(pb.DeploymentState, "DEPLOYMENT_STATE_", name)
 
 
-def deployment_state_name(value: int) -> str:
-    return enum_name(pb.DeploymentState, "DEPLOYMENT_STATE_", value)
+# Enum names are stored without their prefix: `READY` for DEPLOYMENT_STATE_READY.
+def deployment_state_name(value: int, field: str = "state") -> str:
+    return enum_name(pb.DeploymentState, value, field, prefix="DEPLOYMENT_STATE_")
 
 
-def rollout_state_name(value: int) -> str:
-    return enum_name(pb.RolloutState, "ROLLOUT_STATE_", value)
+def rollout_state_name(value: int, field: str = "state") -> str:
+    return enum_name(pb.RolloutState, value, field, prefix="ROLLOUT_STATE_")
 
 
-def trigger_name(value: int) -> str:
-    return enum_name(pb.RolloutTrigger, "ROLLOUT_TRIGGER_", value)
+def trigger_name(value: int, field: str = "trigger") -> str:
+    return enum_name(pb.RolloutTrigger, value, field, prefix="ROLLOUT_TRIGGER_")
 
 
 def served_state(name: str) -> Any:
     return enum_value(pb.ServedModelState, "SERVED_MODEL_STATE_", name)
 
 
-def served_state_name(value: int) -> str:
-    return enum_name(pb.ServedModelState, "SERVED_MODEL_STATE_", value)
+def served_state_name(value: int, field: str = "state") -> str:
+    return enum_name(pb.ServedModelState, value, field, prefix="SERVED_MODEL_STATE_")
 
 
 def stamp(message: Any, actor: str, when: dt.datetime | None) -> None:

@@ -1,7 +1,8 @@
-"""Wiring of the serving service: store, model source, engine, management and inference servicers.
+"""Wiring of the serving service: store, model source, engine, batch jobs, management and
+inference servicers.
 
-`build_spec(...)` lets tests inject the model source, the features, experiments and
-monitoring clients and the auditor; production gets the gateway-backed ones.
+`build_spec(...)` lets tests inject the model source, the features, experiments,
+monitoring and ingest clients and the auditor; production gets the gateway-backed ones.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from falaj_platform.services.serving.assignment import (
     ExposureSink,
     VariantAssigner,
 )
+from falaj_platform.services.serving.batch_jobs import BatchJobService
 from falaj_platform.services.serving.config import ServingConfig
 from falaj_platform.services.serving.deployments import DeploymentService
 from falaj_platform.services.serving.engine import InferenceEngine
 from falaj_platform.services.serving.enrichment import Enricher, FeaturesClient, GatewayFeaturesClient
 from falaj_platform.services.serving.inference_api import InferenceApi
+from falaj_platform.services.serving.ingest_client import GatewayIngestDatasets, IngestDatasets
 from falaj_platform.services.serving.metrics import ServingCollector
 from falaj_platform.services.serving.models import ModelManager
 from falaj_platform.services.serving.prediction_log import MonitoringSink, PredictionLogger, PredictionLogSink
@@ -50,6 +53,7 @@ class Collaborators:
     exposures: ExposureSink | None = None
     prediction_logs: PredictionLogSink | None = None
     auditor: ServingAuditor | None = None
+    ingest: IngestDatasets | None = None
 
 
 @dataclass
@@ -63,6 +67,7 @@ class ServingContext:
     deployments: DeploymentService
     logger: PredictionLogger
     exposures: ExposureRecorder
+    batch_jobs: BatchJobService
     stop_callbacks: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self) -> None:
@@ -91,9 +96,15 @@ def build_context(runtime: ServiceRuntime, config: ServingConfig, parts: Collabo
     deployments = DeploymentService(store, config, manager, engine, logger, auditor, variant_versions)
     engine.on_route_failure = deployments.nudge_judge
     runtime.metrics.registry.register(ServingCollector(engine, logger))
-    context = ServingContext(config, store, manager, engine, deployments, logger, exposures)
-    # Stopped in reverse: loops first, then queues are flushed, then sessions dropped.
-    context.stop_callbacks += [manager.close, engine.close, logger.stop, exposures.stop, deployments.stop]
+    ingest = parts.ingest or GatewayIngestDatasets(
+        config.gateway_addr, config.pki, timeout=config.upstream_timeout_s, stream_timeout=config.batch_job_stream_timeout_s
+    )
+    batch_jobs = BatchJobService(store, config, engine, ingest, auditor)
+    context = ServingContext(config, store, manager, engine, deployments, logger, exposures, batch_jobs)
+    # Stopped in reverse: loops and jobs first, then queues are flushed, then sessions dropped.
+    context.stop_callbacks += [manager.close, engine.close, logger.stop, exposures.stop, deployments.stop, batch_jobs.stop]
+    if isinstance(ingest, GatewayIngestDatasets):
+        context.stop_callbacks.insert(0, ingest.close)
     return context
 
 
@@ -109,9 +120,12 @@ def build_spec(
         config = configure(ServingConfig.from_settings(runtime.settings))
         context = build_context(runtime, config, collaborators(config))
         on_context(context)
-        service_pb2_grpc.add_ServingServiceServicer_to_server(ServingApi(context.deployments, StreamPredictor(context.engine)), server)
+        service_pb2_grpc.add_ServingServiceServicer_to_server(
+            ServingApi(context.deployments, StreamPredictor(context.engine), context.batch_jobs), server
+        )
         open_inference_grpc_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceApi(context.engine), server)
         context.deployments.start()
+        context.batch_jobs.start()
         runtime.on_stop(context.stop)
         return [
             service_pb2.DESCRIPTOR.services_by_name["ServingService"].full_name,

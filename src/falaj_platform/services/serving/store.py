@@ -84,6 +84,30 @@ served_models = sa.Table(
     sa.Index("ix_served_models_model_version", "model_version", unique=True),
 )
 
+# Batch prediction jobs; the runner that claimed a RUNNING job renews heartbeat_at while
+# it runs, so a job whose replica died is found and failed rather than left RUNNING.
+batch_prediction_jobs = sa.Table(
+    "batch_prediction_jobs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    # The job as submitted (target, input, output, passthrough, batch size), proto JSON.
+    sa.Column("spec_json", sa.Text, nullable=False),
+    sa.Column("residency_region", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(32), nullable=False, index=True),
+    sa.Column("error_message", sa.Text, nullable=False, server_default=""),
+    sa.Column("resolved_model_version", sa.String(256), nullable=False, server_default=""),
+    sa.Column("output_dataset_version", sa.String(256), nullable=False, server_default=""),
+    sa.Column("total_rows", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("processed_rows", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("failed_rows", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("runner_id", sa.String(64), nullable=False, server_default=""),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_by", sa.String(256), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("start_time", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("end_time", sa.DateTime(timezone=True), nullable=True),
+)
+
 request_log = sa.Table("request_log", metadata, *request_log_columns())
 
 
@@ -139,6 +163,26 @@ class ServedModelRow:
     ready_time: dt.datetime | None
 
 
+@dataclass(frozen=True)
+class BatchJobRow:
+    id: str
+    spec_json: str
+    residency_region: str
+    state: str
+    error_message: str
+    resolved_model_version: str
+    output_dataset_version: str
+    total_rows: int
+    processed_rows: int
+    failed_rows: int
+    runner_id: str
+    heartbeat_at: dt.datetime | None
+    created_by: str
+    created_at: dt.datetime
+    start_time: dt.datetime | None
+    end_time: dt.datetime | None
+
+
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
         return None
@@ -166,8 +210,15 @@ def _served(row: Any) -> ServedModelRow:
     return ServedModelRow(**values)
 
 
+def _batch_job(row: Any) -> BatchJobRow:
+    values = dict(row._mapping)
+    for name in ("heartbeat_at", "created_at", "start_time", "end_time"):
+        values[name] = _utc(values[name])
+    return BatchJobRow(**values)
+
+
 class ServingStore:
-    """Every read and write of deployments, rollouts and served models goes through here."""
+    """Every read and write of deployments, rollouts, served models and batch jobs goes through here."""
 
     def __init__(self, database: Database):
         self.database = database
@@ -291,3 +342,50 @@ class ServingStore:
     @staticmethod
     def update_served_model(session: Session, served_id: str, values: dict[str, Any]) -> None:
         session.execute(served_models.update().where(served_models.c.id == served_id).values(**values))
+
+    # -- batch prediction jobs ---------------------------------------------------------------
+    @staticmethod
+    def insert_batch_job(session: Session, values: dict[str, Any]) -> None:
+        session.execute(batch_prediction_jobs.insert().values(**values))
+
+    @staticmethod
+    def get_batch_job(session: Session, job_id: str) -> BatchJobRow | None:
+        row = session.execute(sa.select(batch_prediction_jobs).where(batch_prediction_jobs.c.id == job_id)).first()
+        return _batch_job(row) if row is not None else None
+
+    @staticmethod
+    def list_batch_jobs(
+        session: Session, *, after: tuple[dt.datetime, str] | None = None, limit: int = 50, state: str = ""
+    ) -> list[BatchJobRow]:
+        """Newest first; `after` is the (created_at, id) of the last job of the previous page."""
+        jobs = batch_prediction_jobs.c
+        query = sa.select(batch_prediction_jobs).order_by(jobs.created_at.desc(), jobs.id.desc()).limit(limit)
+        if after is not None:
+            created_at, job_id = after
+            query = query.where(sa.or_(jobs.created_at < created_at, sa.and_(jobs.created_at == created_at, jobs.id < job_id)))
+        if state:
+            query = query.where(jobs.state == state)
+        return [_batch_job(row) for row in session.execute(query)]
+
+    @staticmethod
+    def update_batch_job(session: Session, job_id: str, values: dict[str, Any], *, only_from: tuple[str, ...] = ()) -> bool:
+        """Change a job; with `only_from`, only while its state is one of those. True when changed."""
+        statement = batch_prediction_jobs.update().where(batch_prediction_jobs.c.id == job_id).values(**values)
+        if only_from:
+            statement = statement.where(batch_prediction_jobs.c.state.in_(only_from))
+        return bool(cast(Any, session.execute(statement)).rowcount)
+
+    @staticmethod
+    def queued_batch_job_ids(session: Session) -> list[str]:
+        jobs = batch_prediction_jobs.c
+        query = sa.select(jobs.id).where(jobs.state == "QUEUED").order_by(jobs.created_at, jobs.id)
+        return [str(job_id) for job_id in session.execute(query).scalars()]
+
+    @staticmethod
+    def stale_batch_jobs(session: Session, older_than: dt.datetime) -> list[BatchJobRow]:
+        """Running or cancelling jobs whose runner has not renewed its heartbeat since `older_than`."""
+        jobs = batch_prediction_jobs.c
+        query = sa.select(batch_prediction_jobs).where(
+            jobs.state.in_(("RUNNING", "CANCELLING")), sa.or_(jobs.heartbeat_at.is_(None), jobs.heartbeat_at < older_than)
+        )
+        return [_batch_job(row) for row in session.execute(query)]

@@ -10,7 +10,7 @@ batch_id, the passthrough columns and one column per output element.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -38,9 +38,23 @@ def _read(batch: common_pb2.ArrowBatch) -> pa.Table:
     return table
 
 
-def _input_array(table: pa.Table, spec: TensorSpec) -> np.ndarray:
-    dtype = NUMPY_OF[spec.datatype]
+def input_column_names(spec: TensorSpec, names: Sequence[str]) -> list[str]:
+    """The columns an input is read from: its own name, its feature names, or `{input}_{j}`."""
+    if spec.name in names:
+        return [spec.name]
     width = spec.shape[-1] if len(spec.shape) >= 2 and spec.shape[-1] > 0 else 1
+    labels = [r.split(":", 1)[-1] for r in spec.feature_references] or [f"{spec.name}_{j}" for j in range(width)]
+    missing = [label for label in labels if label not in names]
+    if missing:
+        raise InvalidArgument(
+            f"the batch has no column {missing[0]!r} for input {spec.name!r}", reason="MISSING_INPUT", metadata={"input": spec.name}
+        )
+    return labels
+
+
+def input_array(table: pa.Table, spec: TensorSpec) -> np.ndarray:
+    """One model input from the batch's columns (see input_column_names)."""
+    dtype = NUMPY_OF[spec.datatype]
     names = table.column_names
     if spec.name in names:
         column = table.column(spec.name).combine_chunks()
@@ -50,12 +64,7 @@ def _input_array(table: pa.Table, spec: TensorSpec) -> np.ndarray:
         else:
             array = np.asarray(column.to_numpy(zero_copy_only=False)).reshape(table.num_rows, *([1] * (len(spec.shape) - 1)))
     else:
-        labels = [r.split(":", 1)[-1] for r in spec.feature_references] or [f"{spec.name}_{j}" for j in range(width)]
-        missing = [label for label in labels if label not in names]
-        if missing:
-            raise InvalidArgument(
-                f"the batch has no column {missing[0]!r} for input {spec.name!r}", reason="MISSING_INPUT", metadata={"input": spec.name}
-            )
+        labels = input_column_names(spec, names)
         array = np.column_stack([np.asarray(table.column(label).to_numpy(zero_copy_only=False)) for label in labels])
     if spec.datatype == "BYTES":
         return array.astype(object)
@@ -65,7 +74,8 @@ def _input_array(table: pa.Table, spec: TensorSpec) -> np.ndarray:
         raise InvalidArgument(f"input {spec.name!r} values are not {spec.datatype}", reason="DATATYPE_MISMATCH") from None
 
 
-def _output_columns(names: list[str], outputs: list[np.ndarray], rows: int) -> dict[str, pa.Array]:
+def output_columns(names: list[str], outputs: list[np.ndarray], rows: int) -> dict[str, pa.Array]:
+    """One column per output, or `{output}_{j}` per element of a wider output."""
     columns: dict[str, pa.Array] = {}
     for name, output in zip(names, outputs, strict=True):
         flat = output.reshape(rows, -1)
@@ -109,7 +119,7 @@ class StreamPredictor:
                 raise InvalidArgument("only the first message of StreamPredict may be a config", reason="CONFIG_REPEATED")
             table = _read(message.batch)
             rows = table.num_rows
-            arrays = {spec.name: _input_array(table, spec) for spec in model.inputs}
+            arrays = {spec.name: input_array(table, spec) for spec in model.inputs}
             check_against(arrays, {}, model.inputs)
             if not model.acquire():
                 raise InvalidArgument(f"{model.model_version} is unloading", reason="MODEL_UNLOADING")
@@ -123,7 +133,7 @@ class StreamPredictor:
                 if name not in table.column_names:
                     raise InvalidArgument(f"passthrough column {name!r} is not in the batch", reason="MISSING_PASSTHROUGH")
                 columns[name] = table.column(name).combine_chunks()
-            columns.update(_output_columns(wanted, [by_name[n] for n in wanted], rows))
+            columns.update(output_columns(wanted, [by_name[n] for n in wanted], rows))
             answer = pa.table(columns)
             sink = pa.BufferOutputStream()
             with pa.ipc.new_stream(sink, answer.schema) as writer:

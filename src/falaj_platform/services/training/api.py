@@ -30,6 +30,7 @@ from falaj_platform.runtime.idempotency import remember, replayed_response
 from falaj_platform.runtime.interceptors import current_caller
 from falaj_platform.runtime.logs import get_logger
 from falaj_platform.runtime.settings import Settings
+from falaj_platform.runtime.validate import enum_name
 from falaj_platform.services.training import convert, names
 from falaj_platform.services.training.artifacts import ArtifactStore
 from falaj_platform.services.training.config import TrainingConfig
@@ -58,8 +59,8 @@ STREAM_POLL_SECONDS = 0.5
 log = get_logger()
 
 
-def _state_name(enum: Any, prefix: str, value: int) -> str:
-    return "" if value == 0 else convert.enum_suffix(enum, prefix, value)
+def _state_name(enum: Any, prefix: str, value: int, field: str) -> str:
+    return "" if value == 0 else enum_name(enum, value, field, prefix=prefix)
 
 
 class TrainingApi(service_pb2_grpc.TrainingServiceServicer):
@@ -184,7 +185,7 @@ class TrainingApi(service_pb2_grpc.TrainingServiceServicer):
 
     def ListTrainingJobs(self, request: rr.ListTrainingJobsRequest, context: grpc.ServicerContext) -> rr.ListTrainingJobsResponse:
         size = names.page_size(request.page_size)
-        state = _state_name(pb.TrainingJobState, "TRAINING_JOB_STATE_", request.state)
+        state = _state_name(pb.TrainingJobState, "TRAINING_JOB_STATE_", request.state, "state")
         model = names.model_id_of(request.registered_model, "registered_model") if request.registered_model else ""
         query = [state, model, request.submitted_by]
         position = names.decode_page_token(request.page_token, "jobs", query)
@@ -395,7 +396,7 @@ class TrainingApi(service_pb2_grpc.TrainingServiceServicer):
     def ListModelVersions(self, request: rr.ListModelVersionsRequest, context: grpc.ServicerContext) -> rr.ListModelVersionsResponse:
         model_id = names.model_id_of(request.parent, "parent")
         size = names.page_size(request.page_size)
-        state = _state_name(pb.ModelVersionState, "MODEL_VERSION_STATE_", request.state)
+        state = _state_name(pb.ModelVersionState, "MODEL_VERSION_STATE_", request.state, "state")
         query = [model_id, state, dict(sorted(request.tags.items()))]
         before = names.decode_page_token(request.page_token, "versions", query)
         with self.store.session() as session:
@@ -429,7 +430,7 @@ class TrainingApi(service_pb2_grpc.TrainingServiceServicer):
             if "tags" in paths:
                 values["tags_json"] = json.dumps(dict(wanted.tags), sort_keys=True)
             if "state" in paths:
-                state = _state_name(pb.ModelVersionState, "MODEL_VERSION_STATE_", wanted.state)
+                state = _state_name(pb.ModelVersionState, "MODEL_VERSION_STATE_", wanted.state, "model_version.state")
                 if not state:
                     raise InvalidArgument("model_version.state must be READY or ARCHIVED", metadata={"field": "model_version.state"})
                 if state == "ARCHIVED" and record.aliases:
@@ -710,7 +711,7 @@ class TrainingApi(service_pb2_grpc.TrainingServiceServicer):
         model_id = names.model_id_of(request.parent, "parent")
         model_id = "" if model_id == "-" else model_id
         size = names.page_size(request.page_size)
-        state = _state_name(pb.PromotionRequestState, "PROMOTION_REQUEST_STATE_", request.state)
+        state = _state_name(pb.PromotionRequestState, "PROMOTION_REQUEST_STATE_", request.state, "state")
         query = [model_id, state]
         position = names.decode_page_token(request.page_token, "promotions", query)
         after = (dt.datetime.fromisoformat(position[0]), str(position[1])) if position else None

@@ -65,10 +65,6 @@ def enum_value(enum: Any, prefix: str, name: str) -> int:
         return 0
 
 
-def enum_suffix(enum: Any, prefix: str, value: int) -> str:
-    return str(enum.Name(value)).removeprefix(prefix)
-
-
 def job_to_proto(record: JobRecord) -> pb.TrainingJob:
     job = from_json(record.status_json, pb.TrainingJob)
     job.name = names.job_name(record.id)

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from falaj_platform.runtime.errors import InvalidArgument
+from falaj_platform.runtime.validate import int64
 
 ID_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -69,13 +70,20 @@ def version_parts(name: str, field: str = "name") -> tuple[str, str]:
         raise InvalidArgument(
             f"{field} {name!r} is not a model version name (models/{{model}}/versions/{{version}})", metadata={"field": field}
         )
+    if is_number(parts[3]):
+        int64(int(parts[3]), f"the version number of {field}")
     return parts[1], parts[3]
+
+
+def is_number(version: str) -> bool:
+    """Whether a version reference is a number (ASCII digits) rather than an alias."""
+    return version.isascii() and version.isdigit()
 
 
 def version_number_of(name: str, field: str = "name") -> tuple[str, int]:
     """(model, number) of a version named by number (not alias)."""
     model, version = version_parts(name, field)
-    if not version.isdigit():
+    if not is_number(version):
         raise InvalidArgument(f"{field} {name!r} must name a version by number", metadata={"field": field})
     return model, int(version)
 

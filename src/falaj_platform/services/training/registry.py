@@ -134,7 +134,7 @@ class Registry:
 
     def resolve_version(self, session: Session, model: str, version: str) -> ModelVersionRecord:
         """A version by number or alias."""
-        target = int(version) if version.isdigit() else self.store.alias_target(session, model, names.check_alias(version))
+        target = int(version) if names.is_number(version) else self.store.alias_target(session, model, names.check_alias(version))
         if target is None:
             self.require_model(session, model)
             raise NotFound(f"models/{model} has no alias {version!r}", reason="ALIAS_NOT_FOUND")

@@ -42,6 +42,7 @@ import pyarrow.ipc
 from falaj.training.v1 import message_pb2 as pb
 from falaj_platform.runtime.errors import FalajError
 from falaj_platform.runtime.logs import get_logger
+from falaj_platform.runtime.validate import enum_name
 from falaj_platform.services.training import convert, names
 from falaj_platform.services.training.config import TrainingConfig
 from falaj_platform.services.training.data import TrainingDataSource, TrainingSet
@@ -581,7 +582,7 @@ class JobRunner:
     def _report(self, job: _Job, progress: pb.TrainingProgress) -> None:
         """Store one progress report (and the phase it names) and wake the streams."""
         if progress.phase:
-            job.phase = convert.enum_suffix(pb.TrainingPhase, "TRAINING_PHASE_", progress.phase)
+            job.phase = enum_name(pb.TrainingPhase, progress.phase, "progress.phase", prefix="TRAINING_PHASE_")
         else:
             progress.phase = convert.enum_value(pb.TrainingPhase, "TRAINING_PHASE_", job.phase)  # type: ignore[assignment]
         job.sequence += 1

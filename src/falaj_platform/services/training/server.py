@@ -18,7 +18,7 @@ from falaj.training.v1 import service_pb2, service_pb2_grpc
 from falaj_platform.runtime.audit import AuditReporter
 from falaj_platform.runtime.clients import secure_channel
 from falaj_platform.runtime.db import Database
-from falaj_platform.runtime.service import ServiceSpec
+from falaj_platform.runtime.service import ServiceRuntime, ServiceSpec
 from falaj_platform.runtime.settings import Settings
 from falaj_platform.services.training.api import TrainingApi
 from falaj_platform.services.training.artifacts import ArtifactStore, Keyring, load_or_create_kek
@@ -85,10 +85,26 @@ def build_register(
 
 
 def build_spec(**wiring: object) -> ServiceSpec:
-    """The training ServiceSpec with the given `build_register` wiring."""
-    return ServiceSpec("training", MIGRATIONS, build_register(**wiring))  # type: ignore[arg-type]
+    """The training ServiceSpec with the given `build_register` wiring; stopping the server
+    stops the job runner (its threads and warm workers), as at process exit."""
+    apis: list[TrainingApi] = []
+    on_api = wiring.pop("on_api", None)
+
+    def remember(api: TrainingApi) -> None:
+        apis.append(api)
+        if on_api is not None:
+            on_api(api)  # type: ignore[operator]
+
+    register = build_register(**wiring, on_api=remember)  # type: ignore[arg-type]
+
+    def setup(server: grpc.Server, runtime: ServiceRuntime) -> Iterable[str]:
+        names = register(server, runtime.database, runtime.settings)
+        runtime.on_stop(apis[-1].close)
+        return names
+
+    return ServiceSpec("training", MIGRATIONS, setup=setup)
 
 
 register = build_register()
 
-SPEC = ServiceSpec("training", MIGRATIONS, register)
+SPEC = build_spec()

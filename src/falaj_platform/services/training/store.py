@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from falaj_platform.runtime.db import Database, request_log_columns
+from falaj_platform.runtime.validate import int64
 from falaj_platform.services.training.artifacts import StoredArtifact
 
 metadata = sa.MetaData()
@@ -568,6 +569,7 @@ class TrainingStore:
         session.execute(model_versions.insert().values(**values))
 
     def get_version(self, session: Session, model: str, number: int) -> ModelVersionRecord | None:
+        int64(number, "version number")  # SQLite's INTEGER; a larger number overflows the query
         query = sa.select(model_versions).where(model_versions.c.model == model, model_versions.c.version_number == number)
         row = session.execute(query).first()
         return None if row is None else _version(row, self._version_aliases(session, model, number))

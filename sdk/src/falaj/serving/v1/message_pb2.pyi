@@ -1511,22 +1511,30 @@ class BatchPredictionJob(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    RESOLVED_MODEL_VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `batchPredictionJobs/{job_id}`."""
     deployment: _builtins.str
-    """Deployment whose traffic split picks the version (shadows excluded)."""
+    """Deployment whose split picks one version for the whole job when it starts: the
+    single version, a canary's stable version or an A-B split's default (shadows
+    excluded). Under feature enrichment the input carries the entity keys.
+    """
     model_version: _builtins.str
-    """One model version (`models/{model}/versions/{version}`)."""
+    """One model version (`models/{model}/versions/{version}`), loaded in serving."""
     input_dataset_version: _builtins.str
     """Input dataset version in ingest (`datasets/{dataset}/versions/{version}`); columns
     match model inputs (or entity keys under enrichment) by name.
     """
     output_dataset: _builtins.str
-    """Ingest dataset the output is written to as a new version (`datasets/{dataset}`)."""
+    """Ingest dataset the output is written to as a new version (`datasets/{dataset}`),
+    in the input's region. Its schema declares the passthrough columns and one column per
+    model output (`{output}`, or `{output}_{j}` per element of a wider output); columns
+    it does not declare must be nullable.
+    """
     output_dataset_version: _builtins.str
     """Output only. Version written, once the job succeeded."""
     batch_size: _builtins.int
-    """Rows per ONNX Runtime call."""
+    """Rows per ONNX Runtime call; 0 means 1,024, values above 65,536 are refused."""
     state: Global___JobState.ValueType
     """Output only. Job state."""
     error_message: _builtins.str
@@ -1536,9 +1544,12 @@ class BatchPredictionJob(_message.Message):
     processed_rows: _builtins.int
     """Output only. Rows predicted so far."""
     failed_rows: _builtins.int
-    """Output only. Rows that could not be predicted (bad values), with the reason in the
-    output's error column.
+    """Output only. Rows that could not be predicted (null or malformed values, missing
+    features): written with null outputs and the reason in the output's
+    `prediction_error` column. Without that column such a row fails the job.
     """
+    resolved_model_version: _builtins.str
+    """Output only. Model version that answered every row, once the job started."""
     @_builtins.property
     def passthrough_columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Input columns copied unchanged into the output (ids, keys)."""
@@ -1579,10 +1590,11 @@ class BatchPredictionJob(_message.Message):
         created: _common_pb2.AuditStamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        resolved_model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "deployment", b"deployment", "end_time", b"end_time", "model_version", b"model_version", "residency", b"residency", "start_time", b"start_time", "target", b"target"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "created", b"created", "deployment", b"deployment", "end_time", b"end_time", "error_message", b"error_message", "failed_rows", b"failed_rows", "input_dataset_version", b"input_dataset_version", "model_version", b"model_version", "name", b"name", "output_dataset", b"output_dataset", "output_dataset_version", b"output_dataset_version", "passthrough_columns", b"passthrough_columns", "processed_rows", b"processed_rows", "residency", b"residency", "start_time", b"start_time", "state", b"state", "target", b"target", "total_rows", b"total_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "created", b"created", "deployment", b"deployment", "end_time", b"end_time", "error_message", b"error_message", "failed_rows", b"failed_rows", "input_dataset_version", b"input_dataset_version", "model_version", b"model_version", "name", b"name", "output_dataset", b"output_dataset", "output_dataset_version", b"output_dataset_version", "passthrough_columns", b"passthrough_columns", "processed_rows", b"processed_rows", "residency", b"residency", "resolved_model_version", b"resolved_model_version", "start_time", b"start_time", "state", b"state", "target", b"target", "total_rows", b"total_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["deployment", "model_version"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
