@@ -348,8 +348,11 @@ def evaluate_due_windows(ctx: Context, monitor_id: str) -> int:
                 evaluated_until = time_window.end
                 with ctx.store.transaction() as session:
                     ctx.store.update(session, monitor_state, monitor_id, {"evaluated_until": time_window.end})
-    if evaluated:
-        evaluate_rules(ctx, monitor_id)
+        # Still under the lock: a stream whose windows the background worker evaluated first
+        # waits here until the worker has also moved the alerts, so that the stream's answer
+        # comes after every alert its rows caused (as the contract says).
+        if evaluated:
+            evaluate_rules(ctx, monitor_id)
     return evaluated
 
 
