@@ -4,7 +4,6 @@ over mTLS to a stock tritonclient, and an A-B split driven by a real experiment.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import subprocess
 import sys
@@ -25,40 +24,12 @@ from falaj.serving.v1 import service_pb2_grpc
 from falaj.training.v1 import message_pb2 as train_pb
 from falaj.training.v1 import request_response_pb2 as train_rr
 from falaj.training.v1 import service_pb2_grpc as train_service
-from falaj_platform.gateway.server import start_gateway
 from falaj_platform.pki import PKI
-from falaj_platform.runtime.service import start_service
-from falaj_platform.runtime.settings import SERVICES, load_settings
-from falaj_platform.stack import MODULES
-from tests.backends import backend_env
-from tests.conftest import free_port, identity
-from tests.gateway.conftest import CLIENTS, Platform, stop_platform
+from tests.conftest import identity
+from tests.gateway.conftest import Platform, stop_platform
 from tests.serving.conftest import infer_request
 from tests.serving.models import mlp_model, mlp_reference, mlp_weights, scaled_model
-
-
-def _start(home: Path, pki: PKI) -> Platform:
-    """The six services and the gateway, in-process, as tests/gateway starts them, except that
-    the gateway listens on a port known up front: serving calls training, experiments and the
-    audit log through it with its own identity, as in production."""
-    for name, role in CLIENTS.items():
-        if not (pki.client_dir(name) / "cert.pem").exists():
-            pki.issue_client(name, role=role)
-    env = {
-        **backend_env(home),
-        "FALAJ_HOME": str(home),
-        "FALAJ_PKI_DIR": str(pki.root),
-        "FALAJ_LOG_LEVEL": "warning",
-        "FALAJ_RELOAD_SECONDS": "0.2",
-        "FALAJ_GATEWAY_ADDR": f"127.0.0.1:{free_port()}",
-    }
-    services = {}
-    for name in SERVICES:
-        spec = importlib.import_module(MODULES[name] + ".server").SPEC
-        services[name] = start_service(spec, load_settings(name, env=env), listen_addr="127.0.0.1:0")
-        env[f"FALAJ_{name.upper()}_ADDR"] = f"127.0.0.1:{services[name][0].port}"
-    gateway = start_gateway(load_settings("gateway", env=env))
-    return Platform(home, pki, gateway, services, env)
+from tests.serving.platform import start_serving_platform
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +37,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     root = tmp_path_factory.mktemp("serving-platform")
     pki = PKI(root / "pki")
     pki.init()
-    started = _start(root / "home", pki)
+    started = start_serving_platform(root / "home", pki)
     yield started
     stop_platform(started)
 
