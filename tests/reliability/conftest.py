@@ -9,7 +9,6 @@ that a test may SIGKILL and bring back with another `falaj stack up`.
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import subprocess
@@ -23,39 +22,20 @@ from pathlib import Path
 import grpc
 import pytest
 
-from falaj_platform.gateway.server import start_gateway
 from falaj_platform.pki import PKI
 from falaj_platform.runtime.clients import health_status, secure_channel
-from falaj_platform.runtime.service import start_service
-from falaj_platform.runtime.settings import COMPONENTS, SERVICES, PkiPaths, load_settings
-from falaj_platform.stack import MODULES
+from falaj_platform.runtime.settings import COMPONENTS, PkiPaths
 from tests.backends import backend_env
 from tests.conftest import free_port, identity
-from tests.gateway.conftest import CLIENTS, Platform
+from tests.gateway.conftest import Platform
+from tests.serving.platform import start_serving_platform
 
 FALAJ = [sys.executable, "-m", "falaj_platform.cli"]
 
 
-def start_falaj(home: Path, pki: PKI, *, service_env: dict[str, str] | None = None, gateway_env: dict[str, str] | None = None) -> Platform:
-    """The six services and the gateway in-process over mTLS, the gateway on a port known up front."""
-    for name, role in CLIENTS.items():
-        if not (pki.client_dir(name) / "cert.pem").exists():
-            pki.issue_client(name, role=role)
-    env = {
-        **backend_env(home),
-        "FALAJ_HOME": str(home),
-        "FALAJ_PKI_DIR": str(pki.root),
-        "FALAJ_LOG_LEVEL": "warning",
-        "FALAJ_RELOAD_SECONDS": "0.2",
-        "FALAJ_GATEWAY_ADDR": f"127.0.0.1:{free_port()}",
-    }
-    services = {}
-    for name in SERVICES:
-        spec = importlib.import_module(MODULES[name] + ".server").SPEC
-        services[name] = start_service(spec, load_settings(name, env={**env, **(service_env or {})}), listen_addr="127.0.0.1:0")
-        env[f"FALAJ_{name.upper()}_ADDR"] = f"127.0.0.1:{services[name][0].port}"
-    gateway = start_gateway(load_settings("gateway", env={**env, **(gateway_env or {})}))
-    return Platform(home, pki, gateway, services, env)
+# The platform in-process with the gateway on a port known up front (serving's cross-service
+# tests start it the same way).
+start_falaj = start_serving_platform
 
 
 def stop_falaj(platform: Platform, timeout: float = 30.0) -> list[str]:

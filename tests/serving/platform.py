@@ -22,9 +22,12 @@ from tests.conftest import free_port
 from tests.gateway.conftest import CLIENTS, Platform
 
 
-def start_serving_platform(home: Path, pki: PKI) -> Platform:
+def start_serving_platform(
+    home: Path, pki: PKI, *, service_env: dict[str, str] | None = None, gateway_env: dict[str, str] | None = None
+) -> Platform:
     """The six services and the gateway, in-process, as tests/gateway starts them (and on the
-    same stores), except that the gateway listens on a port known up front."""
+    same stores), except that the gateway listens on a port known up front; `service_env` and
+    `gateway_env` add settings to the services' and the gateway's own."""
     for name, role in CLIENTS.items():
         if not (pki.client_dir(name) / "cert.pem").exists():
             pki.issue_client(name, role=role)
@@ -39,9 +42,9 @@ def start_serving_platform(home: Path, pki: PKI) -> Platform:
     services = {}
     for name in SERVICES:
         spec = importlib.import_module(MODULES[name] + ".server").SPEC
-        services[name] = start_service(spec, load_settings(name, env=env), listen_addr="127.0.0.1:0")
+        services[name] = start_service(spec, load_settings(name, env={**env, **(service_env or {})}), listen_addr="127.0.0.1:0")
         env[f"FALAJ_{name.upper()}_ADDR"] = f"127.0.0.1:{services[name][0].port}"
-    gateway = start_gateway(load_settings("gateway", env=env))
+    gateway = start_gateway(load_settings("gateway", env={**env, **(gateway_env or {})}))
     return Platform(home, pki, gateway, services, env)
 
 
